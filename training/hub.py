@@ -1,12 +1,12 @@
 """Push a training output folder to the Hugging Face Hub.
 
-Only what a user of the model needs goes up: the saved pipeline (`model_index.json`, the component folders that it
-names such as `unet/` and `scheduler/`, and the pipeline's module file, so that the repository also loads as remote
-code), the model card `README.md`, sample images (`*.png` at the top level and the `samples/` folder) and JSON reports
-at the top level. Checkpoints, optimizer state, logs, TensorBoard event files and files named like credentials stay
-local, and the push stops before uploading anything when a file to upload contains an access token.
+Only what a user of the model needs is uploaded. That is the saved pipeline: `model_index.json`, the component folders
+that it names (such as `unet/` and `scheduler/`) and the pipeline's module file, so that the repository also loads as
+remote code. Then the model card `README.md`, the sample images (`*.png` at the top level and the `samples/` folder)
+and the JSON reports at the top level. Checkpoints, optimizer state, logs, TensorBoard event files and files named like
+credentials stay local, and the push stops before uploading anything when a file to upload contains an access token.
 
-Pushing again creates one new commit, and only files whose content changed are uploaded.
+Pushing again uploads only the files whose content changed, in one new commit (none when nothing changed).
 
 Command line:
 
@@ -185,7 +185,7 @@ def check_for_access_tokens(output_dir: Path, files: Iterable[str], token: str |
             found = ACCESS_TOKEN_PATTERN.search(path.read_bytes()) is not None
         if found:
             raise ValueError(
-                f"Refusing to push {output_dir}: {relative} contains an access token. Remove the token from the file "
+                f"Cannot push {output_dir}: {relative} contains an access token. Remove the token from the file "
                 "(or delete the file) and push again; if the file was ever shared, revoke the token."
             )
 
