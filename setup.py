@@ -51,6 +51,7 @@ setup(
     entry_points={
         "console_scripts": [
             "diffusers-cfg-sample=diffusers_cfg.pipelines.sample:main",
+            "diffusers-cfg-push=diffusers_cfg.training.hub:main",
         ],
     },
 )
