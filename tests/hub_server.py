@@ -64,7 +64,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 logger = logging.getLogger(__name__)
 
-# The Hub sends a file through Git LFS when it is at least this large (10 MiB), whatever its type.
+# Files of this size or more go through Git LFS, whatever their type. The Hub's documented limit is 10 MB; NOTE: whether
+# it means 10**7 or 2**20 * 10 bytes is not checked here.
 DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024
 
 # The Hub returns at most 1,000 entries per page of a tree listing.
@@ -1032,7 +1033,11 @@ class _ApiHandler(_BaseHandler):
         return revision
 
     def upload_mode(self, repo: dict, commit: dict, path: str, size: int, sample: bytes) -> str:
-        """Decide "lfs" or "regular" as the Hub does: LFS for `.gitattributes` matches, large or binary files."""
+        """Decide "lfs" or "regular": LFS for `.gitattributes` matches, large files and binary files.
+
+        A file is binary when its 512-byte sample contains a NUL byte; the Hub does not accept binary files as regular
+        git files either.
+        """
         attributes_entry = commit["tree"].get(".gitattributes")
         attributes = ""
         if attributes_entry and attributes_entry["lfs"] is None:
