@@ -64,8 +64,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 logger = logging.getLogger(__name__)
 
-# Files of this size or more go through Git LFS, whatever their type. The Hub's documented limit is 10 MB; NOTE: whether
-# it means 10**7 or 2**20 * 10 bytes is not checked here.
+# Files of this size or more go through Git LFS, whatever their type, as the Hub requires LFS above 10 MB.
+# NOTE: whether the Hub counts 10 MB as 10**7 or 10 * 2**20 bytes was not checked; this server uses the latter.
 DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024
 
 # The Hub returns at most 1,000 entries per page of a tree listing.
