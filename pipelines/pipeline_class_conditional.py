@@ -124,15 +124,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
     # Loading and saving
 
     @classmethod
-    def load_config(cls, *args, **kwargs):
+    def _dict_from_json_file(cls, json_file):
         # A folder saved by this class names the module file in `_class_name`, so that the generic loader can run it
         # as remote code. Loading through this class itself must not run that copy: read it as a plain class name.
-        loaded = super().load_config(*args, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        # diffusers 0.42 reads model_index.json through this hook both for local folders (`load_config`) and for Hub
+        # repos (`download`), which is why it is overridden rather than `load_config`.
+        config = super()._dict_from_json_file(json_file)
         class_name = config.get("_class_name")
         if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and class_name[1] == cls.__name__:
             config["_class_name"] = cls.__name__
-        return loaded
+        return config
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, push_to_hub: bool = False, **kwargs):
         """Save the pipeline, plus this module file, so the folder also loads with `trust_remote_code=True`."""

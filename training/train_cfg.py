@@ -284,7 +284,9 @@ def main(argv=None):
                       tuple(args.attention_levels))  # fmt: skip
     noise_scheduler = build_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.prediction_type)
     null_class_id = data.num_classes
-    config = {**vars(args), "mixed_precision_resolved": mixed_precision, "resolution": resolution,
+    # The Hub token never goes into a file that may be uploaded.
+    settings = {key: value for key, value in vars(args).items() if key != "hub_token"}
+    config = {**settings, "mixed_precision_resolved": mixed_precision, "resolution": resolution,
               "channels": channels, "num_classes": data.num_classes, "null_class_id": null_class_id,
               "block_out_channels": list(unet.config.block_out_channels),
               "num_parameters": sum(p.numel() for p in unet.parameters()),
