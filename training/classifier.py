@@ -117,7 +117,7 @@ def train_classifier(
 def load_or_train_classifier(data: LabeledImages, resolution: int, channels: int, directory: str | None = None):
     """Return `(classifier, info)` from the cache, training and caching the classifier first when missing.
 
-    `info` holds the test-split accuracy (the ceiling for generated samples), the dataset name and the cache path.
+    `info` contains the test-split accuracy (the ceiling for generated samples), the dataset name and the cache path.
     """
     directory = directory or cache_dir()
     key = _cache_key(data, resolution, channels)
