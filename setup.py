@@ -52,6 +52,7 @@ setup(
         "console_scripts": [
             "diffusers-cfg-sample=diffusers_cfg.pipelines.sample:main",
             "diffusers-cfg-push=diffusers_cfg.training.hub:main",
+            "diffusers-cfg-sweep=diffusers_cfg.training.guidance_sweep:main",
         ],
     },
 )
