@@ -656,9 +656,15 @@ def sweep(args: argparse.Namespace) -> dict:
     classifier, classifier_info = load_or_train_classifier(data, resolution, channels)
     test_images, _ = split_as_tensors(data, "test", resolution, channels)
     reference = RealReference(classifier.embed(test_images).double().numpy())
+    # s = 0 and s = 1 need one UNet pass per image and step, any other scale two. Second-order schedulers such as
+    # Heun evaluate the UNet about twice per step, so for them the count is a lower bound.
+    passes_per_step = sum(1 if scale in (0.0, 1.0) else 2 for scale in scales)
+    unet_evaluations = passes_per_step * len(args.schedulers) * sum(args.num_inference_steps) * len(args.seeds)
     logger.info(
-        "Sweeping %d scales x %d scheduler(s) x %d step count(s) x %d seed(s) of %d samples each on %s",
+        "Sweeping %d scales x %d scheduler(s) x %d step count(s) x %d seed(s) of %d samples each on %s: "
+        "at least %d UNet evaluations of one image",
         len(scales), len(args.schedulers), len(args.num_inference_steps), len(args.seeds), num_samples, device,
+        unet_evaluations * num_samples,
     )  # fmt: skip
 
     # 3. Sample and score every setting
