@@ -5,6 +5,7 @@ or where a built-in set carves one out), an image column and an integer label co
 """
 
 import gzip
+import io
 import logging
 import os
 import struct
@@ -133,11 +134,23 @@ def _load_raw(dataset_name: str, cache_dir: str | None) -> DatasetDict:
     return load_dataset(dataset_name, cache_dir=cache_dir)
 
 
-def _pick_column(features, requested: str | None, candidates, kind: str, flag: str, accept) -> str:
-    columns = list(features)
+def _describe_feature(feature) -> str:
+    if isinstance(feature, ClassLabel):
+        return f"ClassLabel({feature.num_classes} classes)"
+    if isinstance(feature, Value):
+        return feature.dtype
+    return type(feature).__name__
+
+
+def _pick_column(features, requested: str | None, candidates, kind: str, flag: str, accept, expected: str) -> str:
+    """Return the `kind` column: `requested` if given, else the first candidate name, else the first column of a
+    type that `accept` takes. Errors list the dataset's columns with their types."""
+    columns = ", ".join(f"{name} ({_describe_feature(feature)})" for name, feature in features.items())
     if requested is not None:
         if requested not in features:
-            raise ValueError(f"{flag} {requested!r} is not a column of the dataset; its columns are {columns}")
+            raise ValueError(f"{flag} {requested!r} is not a column of the dataset; its columns are: {columns}")
+        if not accept(features[requested]):
+            raise ValueError(f"{flag} {requested!r} is not {expected}; the dataset's columns are: {columns}")
         return requested
     for name in candidates:
         if name in features and accept(features[name]):
@@ -145,7 +158,9 @@ def _pick_column(features, requested: str | None, candidates, kind: str, flag: s
     for name, feature in features.items():
         if accept(feature):
             return name
-    raise ValueError(f"no {kind} column found among the dataset's columns {columns}; name it with {flag}")
+    raise ValueError(
+        f"the dataset has no {kind} column ({expected}); its columns are: {columns}. Name the column with {flag}"
+    )
 
 
 def load_labeled_images(
@@ -163,7 +178,13 @@ def load_labeled_images(
         raise ValueError(f"dataset {dataset_name!r} has no 'train' split; its splits are {list(splits)}")
     features = splits["train"].features
     image_column = _pick_column(
-        features, image_column, IMAGE_COLUMN_CANDIDATES, "image", "--image_column", lambda f: isinstance(f, Image)
+        features,
+        image_column,
+        IMAGE_COLUMN_CANDIDATES,
+        "image",
+        "--image_column",
+        lambda f: isinstance(f, Image),
+        "an Image feature",
     )
     label_column = _pick_column(
         features,
@@ -171,7 +192,8 @@ def load_labeled_images(
         LABEL_COLUMN_CANDIDATES,
         "label",
         "--label_column",
-        lambda f: isinstance(f, ClassLabel) or (isinstance(f, Value) and f.dtype.startswith("int")),
+        lambda f: isinstance(f, ClassLabel) or (isinstance(f, Value) and f.dtype.startswith(("int", "uint"))),
+        "a ClassLabel or integer column",
     )
 
     label_feature = features[label_column]
@@ -180,7 +202,7 @@ def load_labeled_images(
     else:
         values = sorted(set(splits["train"][label_column]))
         if values[0] < 0:
-            raise ValueError(f"label column {label_column!r} holds negative labels {[v for v in values if v < 0][:10]}")
+            raise ValueError(f"label column {label_column!r} contains negative labels {[v for v in values if v < 0][:10]}")
         id2label = {i: str(i) for i in range(values[-1] + 1)}
     for split_name, split in splits.items():
         if label_column not in split.column_names:
@@ -188,10 +210,14 @@ def load_labeled_images(
         labels = np.asarray(split[label_column])
         outside = sorted(set(labels[(labels < 0) | (labels >= len(id2label))].tolist()))
         if outside:
+            shown = ", ".join(str(label) for label in outside[:10]) + (", ..." if len(outside) > 10 else "")
             raise ValueError(
-                f"split {split_name!r} has labels {outside[:10]} outside the {len(id2label)} declared classes "
-                f"[0, {len(id2label)})"
+                f"split {split_name!r} of {dataset_name!r} has labels outside the {len(id2label)} declared classes "
+                f"[0, {len(id2label)}) in column {label_column!r}: {shown}"
             )
+    missing = sorted(set(id2label) - set(np.unique(np.asarray(splits["train"][label_column])).tolist()))
+    if missing:
+        logger.warning("Classes %s of %r have no training examples", [id2label[i] for i in missing][:20], dataset_name)
     return LabeledImages(splits, image_column, label_column, id2label, dataset_name)
 
 
@@ -201,11 +227,49 @@ def image_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
+# PIL modes of one-channel images; every other mode (RGB, RGBA, P, CMYK, ...) counts as colour.
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+# How many training images `channel_conversion_note` inspects: it reads their headers only, not their pixels.
+MODE_CHECK_LIMIT = 1000
+
+
+def channels_of_mode(mode: str) -> int:
+    """Return the channel count that training keeps for images of a PIL mode: 1 for grayscale, else 3."""
+    return 1 if mode in GRAYSCALE_MODES else 3
+
+
 def detect_image_format(data: LabeledImages) -> tuple:
     """(resolution, channels) of the first training image: the default model size, and 1 channel for grayscale."""
     first = data.splits["train"][0][data.image_column]
-    channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-    return max(first.size), channels
+    return max(first.size), channels_of_mode(first.mode)
+
+
+def count_image_modes(data: LabeledImages, split: str = "train", limit: int = MODE_CHECK_LIMIT) -> dict:
+    """Count the PIL modes of the first `limit` images of `split`, reading only the image headers."""
+    dataset = data.splits[split]
+    dataset = dataset.select(range(min(limit, len(dataset))))
+    encoded = dataset.cast_column(data.image_column, Image(decode=False))[data.image_column]
+    counts = {}
+    for item in encoded:
+        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+        with PILImage.open(source) as image:
+            counts[image.mode] = counts.get(image.mode, 0) + 1
+    return counts
+
+
+def channel_conversion_note(data: LabeledImages, channels: int, limit: int = MODE_CHECK_LIMIT) -> str | None:
+    """Describe in one sentence which training images will be converted to `channels` channels.
+
+    Returns None when none of the first `limit` training images needs a conversion.
+    """
+    counts = count_image_modes(data, "train", limit)
+    other = {mode: count for mode, count in counts.items() if channels_of_mode(mode) != channels}
+    if not other:
+        return None
+    checked = sum(counts.values())
+    found = ", ".join(f"{count} {mode}" for mode, count in sorted(other.items()))
+    target = "1 channel (grayscale, PIL mode L)" if channels == 1 else "3 channels (RGB)"
+    return f"Converting images to {target}: the first {checked} training images include {found}"
 
 
 class ImageTransform:

@@ -102,6 +102,6 @@ def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_class_id: int
     """Replace each label, independently with probability `drop_prob`, by the null id; the input is not changed."""
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"cond_drop_prob must be in [0, 1], got {drop_prob}")
-    draws = torch.rand(class_labels.shape, generator=generator, device=generator.device if generator else "cpu")
-    drop = draws.to(class_labels.device) < drop_prob
+    device = generator.device if generator is not None else class_labels.device
+    drop = torch.rand(class_labels.shape, generator=generator, device=device).to(class_labels.device) < drop_prob
     return torch.where(drop, torch.full_like(class_labels, null_class_id), class_labels)

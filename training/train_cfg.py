@@ -11,20 +11,26 @@ conditional and the unconditional prediction that guidance mixes. The output fol
 """
 
 import argparse
+import collections
+import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import os
-import shutil
 import time
 
+import accelerate
+import diffusers
+import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_cfg.model_cards.model_card import write_model_card
@@ -33,13 +39,14 @@ from diffusers_cfg.training import checkpoints
 from diffusers_cfg.training.classifier import load_or_train_classifier
 from diffusers_cfg.training.data import (
     DEFAULT_DATASET,
+    LabeledImages,
+    channel_conversion_note,
     collate_examples,
     detect_image_format,
     load_labeled_images,
     transformed_split,
 )
 from diffusers_cfg.training.evaluation import (
-    autocast_context,
     cpu_supports_bf16,
     evaluate_guidance_scales,
     image_grid,
@@ -48,6 +55,9 @@ from diffusers_cfg.training.evaluation import (
 from diffusers_cfg.training.model import build_noise_scheduler, build_unet, drop_labels, sampling_scheduler
 
 logger = get_logger(__name__)
+
+CONFIG_FILE = "training_config.json"
+TRACKER_PROJECT = "train_cfg"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,8 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--label_column", default=None, help="Integer or ClassLabel column; found automatically when omitted.")
     data.add_argument("--resolution", type=int, default=None,
                       help="Square image size in pixels; the dataset's own size when omitted.")
+    data.add_argument("--num_channels", type=int, default=None, choices=[1, 3],
+                      help="Image channels the model sees: 1 (grayscale) or 3 (RGB). Images of the other kind are "
+                           "converted. The first training image's kind when omitted.")
     data.add_argument("--dataloader_num_workers", type=int, default=0,
-                      help="Data loader worker processes; 0 loads in the training process.")
+                      help="Data loader worker processes, started with the spawn method; 0 loads in the training "
+                           "process.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--block_out_channels", type=int, nargs="+", default=None,
@@ -113,17 +127,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     saving.add_argument("--output_dir", default="cfg-mnist", help="Where the pipeline, samples and checkpoints go.")
     saving.add_argument("--checkpointing_steps", type=int, default=250,
                         help="Save a resumable checkpoint every this many optimizer steps.")
-    saving.add_argument("--checkpoints_total_limit", type=int, default=3, help="Checkpoints kept; older ones are deleted.")
+    saving.add_argument("--checkpoints_total_limit", type=int, default=3,
+                        help="Checkpoints kept; older ones are deleted, except the one the run resumed from.")
     saving.add_argument("--resume_from_checkpoint", default=None,
-                        help="'latest', or a checkpoint folder, to continue an interrupted run.")
+                        help="'latest' (the newest intact checkpoint in --output_dir; a fresh start when there is "
+                             "none), a checkpoint folder, or a checkpoint name such as checkpoint-500.")
 
     logs = parser.add_argument_group("logging and evaluation")
     logs.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"],
-                      help="Where metrics go.")
+                      help="Where metrics go: TensorBoard files in OUTPUT_DIR/logs, Weights & Biases (needs the "
+                           "wandb package), or nowhere.")
     logs.add_argument("--sample_every_steps", type=int, default=250,
                       help="Write a sample grid (classes by guidance scale) every this many optimizer steps; 0 = never.")
+    logs.add_argument("--eval_every_steps", type=int, default=0,
+                      help="Log the class accuracy of guided samples at --eval_guidance_scales every this many "
+                           "optimizer steps; 0 = only at the end.")
     logs.add_argument("--eval_samples_per_class", type=int, default=20,
-                      help="Samples per class for the final class-accuracy check; 0 skips it.")
+                      help="Samples per class for each class-accuracy check; 0 skips the final one.")
     logs.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for sample grids and evaluation.")
     logs.add_argument("--dry_run", action="store_true", help="Print the resolved configuration and model size, then stop.")
 
@@ -139,35 +159,88 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
-                "num_inference_steps", "num_train_timesteps"]  # fmt: skip
-    for name in positive:
+    """Reject invalid flag values before anything is loaded; each error names the flag and the value."""
+    at_least_one = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                    "checkpoints_total_limit", "num_inference_steps", "num_train_timesteps"]  # fmt: skip
+    for name in at_least_one:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    at_least_zero = ["lr_warmup_steps", "dataloader_num_workers", "sample_every_steps", "eval_every_steps",
+                     "eval_samples_per_class"]  # fmt: skip
+    for name in at_least_zero:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be at least 0, got {getattr(args, name)}")
     if not 0.0 <= args.cond_drop_prob < 1.0:
         raise ValueError(f"--cond_drop_prob must be in [0, 1), got {args.cond_drop_prob}")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.resolution is not None and args.resolution < 4:
         raise ValueError(f"--resolution must be at least 4 pixels, got {args.resolution}")
+    if args.eval_every_steps and not args.eval_samples_per_class:
+        raise ValueError("--eval_every_steps needs --eval_samples_per_class of at least 1")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id your-name/cfg-mnist")
     for scale in [args.guidance_scale, *args.eval_guidance_scales]:
         if scale < 0:
             raise ValueError(f"guidance scales must be >= 0 (0 = unconditional), got {scale}")
+    if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ImportError(
+            "--report_to wandb needs the wandb package, which is not installed; install it with `pip install wandb`, "
+            "or use --report_to tensorboard"
+        )
+
+
+def has_accelerator_device() -> bool:
+    """Return whether torch finds a GPU or another accelerator device."""
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 def resolve_mixed_precision(requested: str) -> str:
-    """Pick the autocast dtype: "auto" means bf16 where the hardware runs it natively, else fp32."""
-    if requested == "auto":
+    """Pick the autocast dtype: "auto" means bf16 where the hardware runs it natively, else fp32 ("no").
+
+    fp16 needs a CUDA GPU; elsewhere it falls back, with a warning, to what "auto" picks.
+    """
+    if requested == "auto" or (requested == "fp16" and not torch.cuda.is_available()):
         if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_supports_bf16() else "no"
-    if requested == "fp16" and not torch.cuda.is_available():
-        fallback = "bf16" if cpu_supports_bf16() else "no"
-        logger.warning(f"--mixed_precision fp16 needs a GPU; using {fallback} on this CPU instead", main_process_only=True)
-        return fallback
+            resolved = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            resolved = "bf16" if cpu_supports_bf16() else "no"
+        if requested == "fp16":
+            logger.warning(
+                f"--mixed_precision fp16 needs a CUDA GPU and this machine has none; training with "
+                f"--mixed_precision {resolved} instead ({'fp32' if resolved == 'no' else resolved} on the CPU)"
+            )
+        return resolved
+    if requested == "bf16" and not has_accelerator_device() and not cpu_supports_bf16():
+        logger.warning("This CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 autocast runs emulated, many times "
+                       "slower than fp32 (--mixed_precision no)")  # fmt: skip
     return requested
+
+
+def build_accelerator(args: argparse.Namespace, mixed_precision: str) -> Accelerator:
+    # cpu=True on a machine without an accelerator device lets `accelerate launch --multi_gpu` (torchrun) start
+    # several CPU processes over gloo: accelerate 1.16 treats the processes as distributed CPU ones only when asked
+    # for the CPU.
+    return Accelerator(
+        cpu=not has_accelerator_device(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+        # The sampler is reseeded with seed + epoch, so the data order of any epoch is known again after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+
+
+def configure_logging(accelerator: Accelerator) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # accelerate logs seven lines per checkpoint, and the project's own logger reports where each one went.
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
 
 
 def use_all_cpu_cores(accelerator) -> None:
@@ -189,10 +262,14 @@ def use_all_cpu_cores(accelerator) -> None:
 def build_data(args, accelerator):
     """Load the dataset and return it with its training data loader, resolution and channel count."""
     data = load_labeled_images(args.dataset_name, args.image_column, args.label_column, args.dataset_cache_dir)
-    native_resolution, channels = detect_image_format(data)
+    native_resolution, native_channels = detect_image_format(data)
     resolution = args.resolution or native_resolution
+    channels = args.num_channels or native_channels
+    note = channel_conversion_note(data, channels)
+    if note:
+        logger.warning(note)
+
     train = transformed_split(data, "train", resolution, channels)
-    generator = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(
         train,
         batch_size=args.train_batch_size,
@@ -200,7 +277,7 @@ def build_data(args, accelerator):
         drop_last=True,
         collate_fn=collate_examples,
         num_workers=args.dataloader_num_workers,
-        generator=generator,
+        generator=torch.Generator().manual_seed(args.seed),
         multiprocessing_context="spawn" if args.dataloader_num_workers > 0 else None,
         persistent_workers=args.dataloader_num_workers > 0,
     )
@@ -211,14 +288,58 @@ def build_data(args, accelerator):
     return data, loader, resolution, channels
 
 
-def train_step(batch, unet, noise_scheduler, null_class_id, cond_drop_prob, prediction_type):
-    """Noise a batch, drop labels, and return the denoising loss (in fp32) and the share of null labels."""
-    clean = batch["pixel_values"]
-    noise = torch.randn_like(clean)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    labels = drop_labels(batch["class_labels"], cond_drop_prob, null_class_id)
+class TrainingGenerator:
+    """The random generator of training noise, timesteps and label dropout: one per process, saved in checkpoints.
 
+    It is kept apart from torch's global generator, so sampling, evaluation or library code cannot shift what
+    training draws. Every process saves its state as `training_generator_<process index>.pt` through the
+    accelerator's save hook and reads it back through the load hook, so a resumed run draws exactly what an
+    uninterrupted one would.
+    """
+
+    def __init__(self, seed: int, process_index: int, device):
+        self.process_index = process_index
+        # Derived seeds keep the processes' streams apart and away from the data order, which uses seed + epoch.
+        derived = np.random.SeedSequence(seed, spawn_key=(process_index,)).generate_state(1, dtype=np.uint64)[0]
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(int(derived))
+
+    @property
+    def file_name(self) -> str:
+        return f"training_generator_{self.process_index}.pt"
+
+    def save(self, folder: str) -> None:
+        torch.save(self.generator.get_state(), os.path.join(folder, self.file_name))
+
+    def load(self, folder: str) -> None:
+        path = os.path.join(folder, self.file_name)
+        if not os.path.isfile(path):
+            logger.warning(f"{folder} has no {self.file_name} (it was saved by fewer processes); process "
+                           f"{self.process_index} keeps drawing from its initial seed", main_process_only=False)  # fmt: skip
+            return
+        self.generator.set_state(torch.load(path, weights_only=True))
+
+    def register_for_checkpointing(self, accelerator: Accelerator) -> None:
+        accelerator.register_save_state_pre_hook(lambda models, weights, folder: self.save(folder))
+        accelerator.register_load_state_pre_hook(lambda models, folder: self.load(folder))
+
+
+def train_step(batch, unet, noise_scheduler, null_class_id, cond_drop_prob, prediction_type, generator=None):
+    """Noise a batch, drop labels, and return the denoising loss (in fp32) and the share of null labels.
+
+    `generator` draws the noise, the timesteps and the dropped labels; torch's global generator when None.
+    """
+    # 1. Forward diffusion: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at a random t per image
+    clean = batch["pixel_values"]
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator,
+                              device=clean.device)  # fmt: skip
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+
+    # 2. Label dropout: each label independently becomes the null class, so the model also learns p(x)
+    labels = drop_labels(batch["class_labels"], cond_drop_prob, null_class_id, generator=generator)
+
+    # 3. Loss against the target of the prediction type, in fp32 even under autocast
     prediction = unet(noisy, timesteps, class_labels=labels).sample
     if prediction_type == "epsilon":
         target = noise
@@ -260,10 +381,14 @@ class EMAWeights:
         self.unet.train(self.was_training)
 
 
-def write_sample_grid(pipe, path, scales, num_inference_steps, mixed_precision, seed=0) -> torch.Tensor:
-    """Sample one image per class and scale (rows: classes, columns: scales) and save the grid as a PNG."""
+def write_sample_grid(pipe, path, scales, num_inference_steps, mixed_precision, seeds=None) -> Image.Image:
+    """Sample one image per class and column and save the grid as a PNG (rows: classes, columns: `scales`).
+
+    Column j uses `seeds[j]` (0 for every column when omitted), so columns of different scales share their noise.
+    """
+    seeds = seeds or [0] * len(scales)
     columns = []
-    for scale in scales:
+    for scale, seed in zip(scales, seeds):
         images, _ = sample_class_balanced(
             pipe, 1, scale, num_inference_steps, seed=seed, mixed_precision=mixed_precision
         )
@@ -275,53 +400,214 @@ def write_sample_grid(pipe, path, scales, num_inference_steps, mixed_precision, 
     return grid
 
 
+class Throughput:
+    """Images per second over the last `window` optimizer steps."""
+
+    def __init__(self, window: int = 20):
+        self.marks = collections.deque([(time.perf_counter(), 0.0)], maxlen=window + 1)
+
+    def add(self, images: float) -> float:
+        """Record a finished step of `images` images and return the current rate."""
+        self.marks.append((time.perf_counter(), self.marks[-1][1] + images))
+        (start, first), (end, last) = self.marks[0], self.marks[-1]
+        return (last - first) / max(end - start, 1e-9)
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """The models, optimizer, data and settings that the training loop and its periodic tasks work on."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    data: LabeledImages
+    unet: torch.nn.Module
+    ema: EMAModel | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: torch.utils.data.DataLoader
+    noise_scheduler: object
+    generator: TrainingGenerator
+    mixed_precision: str
+    resumed_from: str | None = None
+    classifier: torch.nn.Module | None = None
+
+    @property
+    def null_class_id(self) -> int:
+        return self.data.num_classes
+
+
+def train(run: TrainingRun, global_step: int) -> int:
+    """Train from `global_step` to --max_train_steps and return the step reached.
+
+    Everything periodic counts optimizer steps, not micro-batches: the learning-rate schedule, the EMA updates,
+    checkpoint names, sample grids and evaluations.
+    """
+    args, accelerator = run.args, run.accelerator
+    if global_step >= args.max_train_steps:
+        logger.info(f"Step {global_step} reaches --max_train_steps {args.max_train_steps}: nothing left to train")
+        return global_step
+
+    # An epoch has ceil(micro-batches / accumulation) optimizer steps: accelerate ends an accumulation at the end of
+    # the data, so the last step of an epoch may use fewer micro-batches. A resumed run skips the micro-batches that
+    # the steps already taken in its epoch consumed.
+    updates_per_epoch = math.ceil(len(run.loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    first_epoch = global_step // updates_per_epoch
+    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="training", unit="step",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    throughput = Throughput()
+    step_totals = torch.zeros(4, device=accelerator.device)  # loss sum, micro-batches, null labels, labels
+    run.unet.train()
+    for epoch in range(first_epoch, num_epochs):
+        run.loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(run.loader, skip_batches) if skip_batches else run.loader
+        skip_batches = 0
+        for batch in batches:
+            with accelerator.accumulate(run.unet):
+                loss, null_share = train_step(batch, run.unet, run.noise_scheduler, run.null_class_id,
+                                              args.cond_drop_prob, args.prediction_type, run.generator.generator)  # fmt: skip
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad()
+            batch_size = batch["class_labels"].shape[0]
+            step_totals += torch.stack([loss.detach(), torch.ones_like(loss), null_share.detach() * batch_size,
+                                        torch.full_like(loss, batch_size)])  # fmt: skip
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimizer step is done.
+            if run.ema is not None:
+                run.ema.step(run.unet.parameters())
+            global_step += 1
+            totals = accelerator.reduce(step_totals, reduction="sum").tolist()
+            step_totals.zero_()
+            logs = {
+                "loss": totals[0] / totals[1],
+                "lr": run.lr_scheduler.get_last_lr()[0],
+                "null_label_share": totals[2] / totals[3],
+                "images_per_second": throughput.add(totals[3]),
+            }
+            if run.ema is not None:
+                logs["ema_decay"] = run.ema.cur_decay_value
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.0f}", refresh=False)
+            accelerator.log(logs, step=global_step)
+            run_periodic_tasks(run, global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+    progress.close()
+    return global_step
+
+
+def run_periodic_tasks(run: TrainingRun, step: int) -> None:
+    """Checkpoint on every process; sample and evaluate on the main process only, with the EMA weights."""
+    args = run.args
+    if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+        checkpoints.save(run.accelerator, args.output_dir, step, args.checkpoints_total_limit, keep=run.resumed_from)
+    if not run.accelerator.is_main_process:
+        return
+    if args.sample_every_steps and step % args.sample_every_steps == 0:
+        log_sample_grid(run, step)
+    if args.eval_every_steps and step % args.eval_every_steps == 0:
+        log_class_accuracy(run, step)
+
+
+def log_sample_grid(run: TrainingRun, step: int) -> None:
+    """Save and log a grid of one sample per class (rows) and guidance scale (columns), all from the same noise."""
+    args = run.args
+    scales = sorted({0.0, 1.0, *args.eval_guidance_scales, args.guidance_scale})
+    unwrapped = run.accelerator.unwrap_model(run.unet)
+    with EMAWeights(run.ema, unwrapped):
+        pipe = build_pipeline(unwrapped, run.noise_scheduler, run.data.id2label, args.guidance_scale)
+        path = os.path.join(args.output_dir, "samples", f"step-{step:06d}.png")
+        grid = write_sample_grid(pipe, path, scales, args.num_inference_steps, run.mixed_precision)
+    tag = "samples/classes_by_guidance_scale_" + "_".join(f"{scale:g}" for scale in scales)
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            pixels = np.asarray(grid)
+            tracker.writer.add_image(tag, pixels, step, dataformats="HW" if pixels.ndim == 2 else "HWC")
+        elif tracker.name == "wandb":
+            # NOTE: never run, because wandb was not installed where this was written. The call follows
+            # WandBTracker.log_images of accelerate 1.16.
+            tracker.log_images({tag: [grid]}, step=step)
+
+
+def log_class_accuracy(run: TrainingRun, step: int) -> None:
+    """Log the class accuracy of guided samples (EMA weights) at each of --eval_guidance_scales."""
+    args = run.args
+    unwrapped = run.accelerator.unwrap_model(run.unet)
+    with EMAWeights(run.ema, unwrapped):
+        pipe = build_pipeline(unwrapped, run.noise_scheduler, run.data.id2label, args.guidance_scale)
+        results = evaluate_guidance_scales(pipe, run.classifier, args.eval_guidance_scales, args.eval_samples_per_class,
+                                           args.num_inference_steps, mixed_precision=run.mixed_precision)  # fmt: skip
+    run.accelerator.log({f"class_accuracy/s={row['guidance_scale']:g}": row["class_accuracy"] for row in results},
+                        step=step)  # fmt: skip
+
+
+def resolved_config(args, accelerator, data, unet, mixed_precision, resolution, channels, resume_path) -> dict:
+    """Return the flags with every automatic choice filled in, as saved to training_config.json and printed by
+    --dry_run."""
+    num_parameters = sum(p.numel() for p in unet.parameters())
+    return {
+        **vars(args),
+        "mixed_precision_resolved": mixed_precision,
+        "resolution": resolution,
+        "channels": channels,
+        "num_classes": data.num_classes,
+        "null_class_id": data.num_classes,
+        "id2label": data.id2label,
+        "block_out_channels": list(unet.config.block_out_channels),
+        "num_parameters": num_parameters,
+        "model_size_mb_fp32": round(num_parameters * 4 / 2**20, 3),
+        "num_processes": accelerator.num_processes,
+        "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "resume_checkpoint": resume_path,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__},
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
+    # accelerate's logger fails until its state exists, and resolving the precision may log a warning.
+    PartialState(cpu=not has_accelerator_device())
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
-    logging_dir = os.path.join(args.output_dir, "logs")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    # accelerate logs seven lines per checkpoint; the project's own logger says where each one went.
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
-    logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
-    if not accelerator.is_local_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
+    accelerator = build_accelerator(args, mixed_precision)
+    configure_logging(accelerator)
     set_seed(args.seed)
     use_all_cpu_cores(accelerator)
+    resume_path = checkpoints.select(accelerator, args.output_dir, args.resume_from_checkpoint)
 
-    # 1. Data and model
+    # 1. Data, model and the resolved configuration
     data, loader, resolution, channels = build_data(args, accelerator)
     unet = build_unet(resolution, channels, data.num_classes, args.block_out_channels, args.layers_per_block,
                       tuple(args.attention_levels))  # fmt: skip
     noise_scheduler = build_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.prediction_type)
-    null_class_id = data.num_classes
-    # The Hub token never goes into a file that may be uploaded.
-    settings = {key: value for key, value in vars(args).items() if key != "hub_token"}
-    config = {**settings, "mixed_precision_resolved": mixed_precision, "resolution": resolution,
-              "channels": channels, "num_classes": data.num_classes, "null_class_id": null_class_id,
-              "block_out_channels": list(unet.config.block_out_channels),
-              "num_parameters": sum(p.numel() for p in unet.parameters()),
-              "num_processes": accelerator.num_processes}  # fmt: skip
+    config = resolved_config(args, accelerator, data, unet, mixed_precision, resolution, channels, resume_path)
     if args.dry_run:
         accelerator.print(json.dumps(config, indent=2))
+        accelerator.print(f"UNet2DModel: {config['num_parameters']:,} parameters, "
+                          f"{config['model_size_mb_fp32']:.2f} MiB in fp32")  # fmt: skip
         return config
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "training_config.json"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
 
+    # 2. Optimizer, EMA, and the state that checkpoints carry
     ema = None
     if not args.no_ema:
         ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
                        power=args.ema_power)  # fmt: skip
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)  # fmt: skip
+    # The prepared scheduler steps once per process at every optimizer step, hence the scaled lengths.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -329,73 +615,35 @@ def main(argv=None):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    generator = TrainingGenerator(args.seed, accelerator.process_index, accelerator.device)
+    generator.register_for_checkpointing(accelerator)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process and args.report_to != "none":
         tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-        accelerator.init_trackers("train_cfg", config=tracker_config)
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config)
 
-    # 2. Resume
-    global_step, resumed_from = checkpoints.resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    # 3. Resume, and get the evaluation classifier ready before the first step
+    global_step = checkpoints.load(accelerator, args.output_dir, resume_path)
+    if ema is not None:
+        ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
+    run = TrainingRun(args, accelerator, data, unet, ema, optimizer, lr_scheduler, loader, noise_scheduler, generator,
+                      mixed_precision, resumed_from=resume_path)  # fmt: skip
+    if args.eval_every_steps and accelerator.is_main_process:
+        run.classifier, _ = load_or_train_classifier(data, resolution, channels)
+    accelerator.wait_for_everyone()
     logger.info(
         f"Training on {data.name}: {len(loader.dataset)} images of {resolution}x{resolution}x{channels}, "
-        f"{data.num_classes} classes (null id {null_class_id}), {config['num_parameters'] / 1e6:.2f}M parameters, "
-        f"{args.max_train_steps} steps of {total_batch} images, mixed precision {mixed_precision}, "
+        f"{data.num_classes} classes (null id {data.num_classes}), {config['num_parameters'] / 1e6:.2f}M parameters, "
+        f"{args.max_train_steps} steps of {config['total_batch_size']} images, mixed precision {mixed_precision}, "
         f"{accelerator.num_processes} process(es), starting at step {global_step}"
     )
 
-    # 3. Training loop
-    unet.train()
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
-    start_epoch = global_step // updates_per_epoch
-    skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
-    images_seen, window_start = 0, time.perf_counter()
-    for epoch in range(start_epoch, math.ceil(args.max_train_steps / updates_per_epoch)):
-        loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-        skip_batches = 0
-        for batch in epoch_loader:
-            with accelerator.accumulate(unet):
-                loss, null_share = train_step(batch, unet, noise_scheduler, null_class_id, args.cond_drop_prob,
-                                              args.prediction_type)  # fmt: skip
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            images_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
+    # 4. Train
+    train(run, global_step)
 
-            # One optimizer step is done: everything below counts optimizer steps, not micro-batches.
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            elapsed = time.perf_counter() - window_start
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0],
-                    "null_label_share": null_share.item(), "images_per_second": images_seen / max(elapsed, 1e-9)}  # fmt: skip
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.0f}")
-            accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                checkpoints.save(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, keep=resumed_from)
-            if args.sample_every_steps and global_step % args.sample_every_steps == 0 and accelerator.is_main_process:
-                log_sample_grid(accelerator, unet, ema, noise_scheduler, data.id2label, args, mixed_precision, global_step)
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
-    progress.close()
-
-    # 4. Save the pipeline with the EMA weights, then evaluate and describe it
+    # 5. Save the pipeline with the EMA weights, then evaluate and describe it
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(unet)
@@ -406,27 +654,13 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def log_sample_grid(accelerator, unet, ema, noise_scheduler, id2label, args, mixed_precision, step):
-    scales = sorted({0.0, 1.0, *args.eval_guidance_scales, args.guidance_scale})
-    unwrapped = accelerator.unwrap_model(unet)
-    with EMAWeights(ema, unwrapped):
-        pipe = build_pipeline(unwrapped, noise_scheduler, id2label, args.guidance_scale)
-        path = os.path.join(args.output_dir, "samples", f"step-{step:06d}.png")
-        grid = write_sample_grid(pipe, path, scales, args.num_inference_steps, mixed_precision)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-
-            tracker.writer.add_image("samples/classes_by_guidance_scale", np.asarray(grid), step, dataformats="HW"
-                                     if grid.mode == "L" else "HWC")  # fmt: skip
-
-
 def finish(args, data, resolution, channels, mixed_precision, config):
     """Write the final sample grid and class-accuracy report into the output folder, and print a summary."""
     pipe = ClassConditionalPipeline.from_pretrained(args.output_dir)
     pipe.set_progress_bar_config(disable=True)
     grid_path = os.path.join(args.output_dir, "samples.png")
-    write_sample_grid(pipe, grid_path, [args.guidance_scale] * 8, args.num_inference_steps, mixed_precision)
+    seeds = [column * pipe.num_classes for column in range(8)]  # every image of the grid gets its own noise
+    write_sample_grid(pipe, grid_path, [args.guidance_scale] * 8, args.num_inference_steps, mixed_precision, seeds)
 
     report = {"dataset": data.name, "num_classes": data.num_classes, "training": config}
     if args.eval_samples_per_class > 0:
