@@ -15,12 +15,14 @@ Symbols used in comments (Ho & Salimans 2022, "Classifier-Free Diffusion Guidanc
 
 import inspect
 import json
+import numbers
 import os
 import shutil
 from collections.abc import Callable, Sequence
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -28,6 +30,20 @@ logger = logging.get_logger(__name__)
 
 MODULE_STEM = os.path.splitext(os.path.basename(__file__))[0]
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+# Scheduler settings that define the noise process the UNet was trained on. A scheduler swapped in for sampling must
+# keep them; every other setting (timestep spacing, solver order, clipping) is free to change.
+TRAINING_SETTINGS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
+# The value that a scheduler without the setting behaves as if it had.
+TRAINING_SETTING_NEUTRAL = {"trained_betas": None, "rescale_betas_zero_snr": False}
 
 
 def predict_x0(model_output, x_t, alpha_bar, prediction_type):
@@ -65,8 +81,34 @@ def threshold_x0(x0, config):
 def rescale_guided_prediction(guided, conditional, guidance_rescale):
     """Rescale the guided prediction's standard deviation toward the conditional one (Lin et al. 2023, eq. 15-16)."""
     dims = list(range(1, guided.ndim))
-    rescaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+    guided_std = guided.std(dim=dims, keepdim=True)
+    # A constant guided prediction has no spread to rescale; leave it as it is instead of dividing by zero.
+    ratio = torch.where(guided_std > 0, conditional.std(dim=dims, keepdim=True) / guided_std, torch.ones_like(guided_std))
+    return guidance_rescale * guided * ratio + (1 - guidance_rescale) * guided
+
+
+def training_settings(config) -> dict:
+    """Return the entries of a scheduler config that define the noise process a model is trained on."""
+    return {key: config[key] for key in TRAINING_SETTINGS if key in config}
+
+
+def lost_training_settings(trained: dict, scheduler) -> dict:
+    """Return {setting: (trained value, the scheduler's value)} for every training setting `scheduler` does not keep."""
+    lost = {}
+    for key, trained_value in trained.items():
+        value = scheduler.config.get(key, TRAINING_SETTING_NEUTRAL.get(key, "<not supported>"))
+        if value != trained_value:
+            lost[key] = (trained_value, value)
+    return lost
+
+
+def _has_repeated_timesteps(scheduler, num_inference_steps: int) -> bool:
+    """Whether a scheduler with one timestep per step visits a timestep twice."""
+    timesteps = scheduler.timesteps
+    if len(timesteps) != num_inference_steps:
+        # Schedulers with two model calls per step (Heun, KDPM2, PNDM's warm-up) repeat timesteps on purpose.
+        return False
+    return bool((timesteps[1:] >= timesteps[:-1]).any())
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -106,6 +148,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(id2label=id2label, default_guidance_scale=float(default_guidance_scale))
         self.id2label = id2label or {}
+        # The noise process of the scheduler the pipeline is built with is taken as the one the UNet was trained on.
+        self._trained_settings = training_settings(scheduler.config)
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +187,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 "`diffusers_cfg.training.hub.push_to_hub(folder, repo_id)`"
             )
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
-        shutil.copyfile(__file__, os.path.join(save_directory, f"{MODULE_STEM}.py"))
+        module_path = os.path.join(save_directory, f"{MODULE_STEM}.py")
+        # This module may itself be the copy in `save_directory`, when it was loaded from there as a custom pipeline.
+        if not (os.path.exists(module_path) and os.path.samefile(__file__, module_path)):
+            shutil.copyfile(__file__, module_path)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as index_file:
             index = json.load(index_file)
@@ -152,28 +199,150 @@ class ClassConditionalPipeline(DiffusionPipeline):
             json.dump(index, index_file, indent=2, sort_keys=True)
             index_file.write("\n")
 
+    # Schedulers
+
+    def set_scheduler(self, scheduler: str | type, **overrides) -> SchedulerMixin:
+        """Swap in another scheduler built from the current config, keeping the noise schedule the UNet was trained on.
+
+        Args:
+            scheduler (`str` or scheduler class): A class from `self.scheduler.compatibles`, or its name, such as
+                `"DPMSolverMultistepScheduler"`.
+            overrides: Settings of the new scheduler, such as `timestep_spacing="trailing"` or `use_karras_sigmas=True`.
+                The training settings (`num_train_timesteps`, the betas, `prediction_type`, `rescale_betas_zero_snr`)
+                cannot be overridden, because the UNet only works on the noise process it was trained on.
+
+        Returns:
+            The new scheduler, which is also `self.scheduler` from now on.
+        """
+        compatible = {cls.__name__: cls for cls in self.scheduler.compatibles}
+        name = scheduler if isinstance(scheduler, str) else getattr(scheduler, "__name__", repr(scheduler))
+        if name not in compatible:
+            raise ValueError(
+                f"scheduler {name!r} is not compatible with {self.scheduler.__class__.__name__}; "
+                f"choose one of {sorted(compatible)}"
+            )
+        fixed = sorted(key for key in overrides if key in TRAINING_SETTINGS)
+        if fixed:
+            raise ValueError(
+                f"set_scheduler cannot override {fixed}: they define the noise process the UNet was trained on "
+                f"(trained values: {({key: self._trained_settings.get(key) for key in fixed})}); "
+                "only sampling settings such as timestep_spacing can change"
+            )
+
+        # diffusers' from_config drops the settings that the source config left at their defaults, and the new class
+        # then uses its own defaults (HeunDiscreteScheduler's beta_end is 0.012, DDPMScheduler's 0.02). So the
+        # training settings are passed explicitly.
+        scheduler_cls = compatible[name]
+        accepted = set(inspect.signature(scheduler_cls.__init__).parameters)
+        pinned = {key: value for key, value in self._trained_settings.items() if key in accepted}
+        new_scheduler = scheduler_cls.from_config(self.scheduler.config, **pinned, **overrides)
+        lost = lost_training_settings(self._trained_settings, new_scheduler)
+        if lost:
+            details = ", ".join(f"{key}={trained!r} became {value!r}" for key, (trained, value) in lost.items())
+            raise ValueError(
+                f"{name} cannot keep the settings the UNet was trained with: {details}; choose another scheduler"
+            )
+        self.register_modules(scheduler=new_scheduler)
+        return new_scheduler
+
+    def _sampling_scheduler(self, num_inference_steps: int, clip_sample, generator, device):
+        """Return a fresh copy of the scheduler for one call, with its timesteps set, and whether to clip x_0.
+
+        The copy has the scheduler's own clipping turned off. The scheduler's clipping acts on its x_0 estimate but
+        steps with the unclipped model output; under guidance the two disagree and samples drift to a grey or black
+        background. The pipeline clips x_0 itself and gives the scheduler a model output that agrees with the clipped
+        x_0. A fresh copy also keeps the state of multistep schedulers from leaking between calls.
+        """
+        config = self.scheduler.config
+        scheduler_name = self.scheduler.__class__.__name__
+        wants_clipping = bool(config.get("clip_sample", False) or config.get("thresholding", False))
+        clip = wants_clipping if clip_sample is None else bool(clip_sample)
+        overrides = {key: False for key in ("clip_sample", "thresholding") if key in config}
+
+        # PNDM's Runge-Kutta warm-up takes `pndm_order` (4) timesteps; with fewer steps, its linear multistep method
+        # alone is the only one that fits.
+        pndm_order = getattr(self.scheduler, "pndm_order", None)
+        if config.get("skip_prk_steps") is False and pndm_order is not None and num_inference_steps < pndm_order:
+            logger.warning(
+                f"{scheduler_name} needs {pndm_order} steps for its Runge-Kutta warm-up; sampling "
+                f"{num_inference_steps} steps with skip_prk_steps=True"
+            )
+            overrides["skip_prk_steps"] = True
+
+        scheduler = self.scheduler.__class__.from_config(config, **overrides)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # With num_inference_steps close to num_train_timesteps, "linspace" spacing rounds two steps to the same
+        # timestep, a step of size zero that turns some multistep solvers' outputs into NaN. Trailing spacing covers
+        # the same range with distinct timesteps: through the config where the scheduler offers it, else as explicit
+        # timesteps.
+        if _has_repeated_timesteps(scheduler, num_inference_steps):
+            if "timestep_spacing" in config:
+                overrides["timestep_spacing"] = "trailing"
+                scheduler = self.scheduler.__class__.from_config(config, **overrides)
+                scheduler.set_timesteps(num_inference_steps, device=device)
+            elif "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+                train_steps = config.num_train_timesteps
+                trailing = torch.arange(train_steps, 0, -train_steps / num_inference_steps).round() - 1
+                scheduler.set_timesteps(device=device, timesteps=trailing.long().tolist())
+        if _has_repeated_timesteps(scheduler, num_inference_steps):
+            raise ValueError(
+                f"{scheduler_name} repeats timesteps for num_inference_steps={num_inference_steps}: "
+                f"{scheduler.timesteps.tolist()}; use fewer steps"
+            )
+        if not torch.isfinite(scheduler.timesteps).all():
+            raise ValueError(
+                f"{scheduler_name} computed non-finite timesteps for num_inference_steps={num_inference_steps} with "
+                f"this noise schedule: {scheduler.timesteps.tolist()}. Its float32 sigma arithmetic fails when the "
+                "largest noise level is much larger than the next one; use more steps, timestep_spacing='leading', "
+                "or another scheduler"
+            )
+
+        # DPMSolverSDEScheduler draws its Brownian noise from a seed, not from a generator. Seeds drawn from the
+        # generators make its samples reproducible, and with one generator per image, each image's noise its own.
+        if hasattr(scheduler, "noise_sampler_seed") and generator is not None:
+            generators = generator if isinstance(generator, list) else [generator]
+            seeds = [int(torch.randint(0, 2**63 - 1, (), generator=source, device=source.device)) for source in generators]
+            scheduler.noise_sampler_seed = seeds if isinstance(generator, list) else seeds[0]
+        return scheduler, clip
+
+    def _alpha_bar(self, scheduler, timestep, device) -> torch.Tensor:
+        """a_t at a model timestep; between integer timesteps, log sigma is interpolated as Karras-type schedules do."""
+        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+        t = torch.as_tensor(timestep, dtype=torch.float64, device=device).clamp(0, len(alphas_cumprod) - 1)
+        low = t.floor().long()
+        if t == low:
+            # Exact at integer timesteps, including a_T = 0 of a zero-terminal-SNR schedule, where log sigma is inf.
+            return alphas_cumprod[low].float()
+        high = (low + 1).clamp(max=len(alphas_cumprod) - 1)
+        log_sigmas = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)
+        log_sigma = torch.lerp(log_sigmas[low], log_sigmas[high], t - low)
+        return (1 / (1 + torch.exp(2 * log_sigma))).float()
+
     # Inputs
 
     def prepare_class_labels(self, class_labels, device=None) -> torch.Tensor:
-        """Turn an int, a name, a list of ints or names, or a 1-D tensor into a long tensor of shape (B,)."""
-        if isinstance(class_labels, (int, str)) and not isinstance(class_labels, bool):
+        """Turn an int, a name, a list of ints or names, or a 1-D tensor into a long tensor of shape (B,).
+
+        Raises:
+            ValueError: for a tensor that is not 1-D or holds non-integer values, a name not in `id2label`, or a label
+                outside `[0, num_classes)`; the message names the value and what is allowed.
+        """
+        if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
+            class_labels = class_labels.reshape(1)
+        if isinstance(class_labels, (str, numbers.Integral)) and not isinstance(class_labels, bool):
             class_labels = [class_labels]
+        elif hasattr(class_labels, "__array__") and not isinstance(class_labels, torch.Tensor):
+            class_labels = torch.as_tensor(class_labels)  # a NumPy array
+
         if isinstance(class_labels, torch.Tensor):
-            if class_labels.ndim != 1:
-                raise ValueError(
-                    f"class_labels must be a 1-D tensor of shape (batch_size,), got shape {tuple(class_labels.shape)}"
-                )
-            if class_labels.is_floating_point():
-                if not torch.equal(class_labels, class_labels.round()):
-                    raise ValueError(f"class_labels holds non-integer values: {class_labels.tolist()}")
-            elif class_labels.dtype == torch.bool or class_labels.is_complex():
-                raise ValueError(f"class_labels must hold integer class ids, got dtype {class_labels.dtype}")
-            ids = class_labels.to(device="cpu", dtype=torch.long).tolist()
+            ids = self._tensor_class_ids(class_labels)
         elif isinstance(class_labels, Sequence) and len(class_labels) > 0:
             ids = [self._class_id(label) for label in class_labels]
         else:
             raise ValueError(
-                f"class_labels must be an int, a class name, a non-empty list of them, or a 1-D tensor; got {class_labels!r}"
+                "class_labels must be an int, a class name, a non-empty list of them, or a 1-D tensor; "
+                f"got {class_labels!r}"
             )
 
         invalid = [label for label in ids if not 0 <= label < self.num_classes]
@@ -184,6 +353,24 @@ class ClassConditionalPipeline(DiffusionPipeline):
             )
         return torch.tensor(ids, dtype=torch.long, device=device)
 
+    @staticmethod
+    def _tensor_class_ids(class_labels: torch.Tensor) -> list[int]:
+        if class_labels.is_meta:
+            raise ValueError(
+                "class_labels is a tensor on the meta device, which holds no values; pass a tensor with data"
+            )
+        if class_labels.ndim != 1:
+            raise ValueError(
+                f"class_labels must be a 1-D tensor of shape (batch_size,), got shape {tuple(class_labels.shape)}"
+            )
+        if class_labels.dtype == torch.bool or class_labels.is_complex():
+            raise ValueError(f"class_labels must hold integer class ids, got dtype {class_labels.dtype}")
+        if class_labels.is_floating_point():
+            values = class_labels.detach().cpu().double()
+            if not (torch.isfinite(values).all() and torch.equal(values, values.round())):
+                raise ValueError(f"class_labels must hold whole numbers, got {values.tolist()}")
+        return class_labels.detach().to(device="cpu", dtype=torch.long).tolist()
+
     def _class_id(self, label) -> int:
         if isinstance(label, str):
             if label not in self.labels:
@@ -191,17 +378,20 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 shown = ", ".join(repr(name) for name in names[:20]) + (" ..." if len(names) > 20 else "")
                 raise ValueError(f"class name {label!r} is not in id2label; known names: {shown or 'none (no id2label)'}")
             return self.labels[label]
-        if isinstance(label, bool) or not isinstance(label, int):
-            if isinstance(label, torch.Tensor) and label.ndim == 0 and not label.is_floating_point():
+        if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+            return int(label)
+        if isinstance(label, torch.Tensor) and label.ndim == 0 and not label.is_floating_point() and not label.is_meta:
+            if label.dtype != torch.bool and not label.is_complex():
                 return int(label)
-            raise ValueError(f"class_labels entries must be ints or class names, got {label!r} ({type(label).__name__})")
-        return label
+        raise ValueError(f"class_labels entries must be ints or class names, got {label!r} ({type(label).__name__})")
 
     def prepare_guidance_scale(self, guidance_scale, batch_size: int, device) -> torch.Tensor:
         """Return guidance scales as a float tensor of shape (B,), checking count and values."""
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance_scale
-        scales = torch.as_tensor(guidance_scale, dtype=torch.float32).flatten().cpu()
+        if isinstance(guidance_scale, torch.Tensor):
+            guidance_scale = guidance_scale.detach().cpu()
+        scales = torch.as_tensor(guidance_scale, dtype=torch.float32).flatten()
         if scales.numel() == 1:
             scales = scales.expand(batch_size)
         elif scales.numel() != batch_size:
@@ -216,7 +406,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     def check_inputs(self, num_inference_steps, output_type, generator, batch_size, guidance_rescale, guidance_interval):
         train_steps = self.scheduler.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= train_steps:
+        if (
+            not isinstance(num_inference_steps, numbers.Integral)
+            or isinstance(num_inference_steps, bool)
+            or not 1 <= num_inference_steps <= train_steps
+        ):
             raise ValueError(
                 f"num_inference_steps must be an int in [1, {train_steps}] (the training step count), "
                 f"got {num_inference_steps!r}"
@@ -231,11 +425,29 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         if guidance_interval is not None:
-            low, high = guidance_interval
-            if not 0 <= low < high:
+            if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] < guidance_interval[1]:
                 raise ValueError(
                     f"guidance_interval must be (low, high) noise levels with 0 <= low < high, got {guidance_interval}"
                 )
+        self._check_scheduler()
+
+    def _check_scheduler(self):
+        """Raise a ValueError if `self.scheduler` cannot sample this UNet: another noise process, or one that fails."""
+        scheduler_name = self.scheduler.__class__.__name__
+        if getattr(self.scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(
+                f"{scheduler_name} does not sample on the UNet's training noise schedule: it has no alphas_cumprod and "
+                "feeds the UNet inputs and timesteps preconditioned for an EDM-trained model; use "
+                "EulerDiscreteScheduler instead (with use_karras_sigmas=True for EDM's spacing of noise levels)"
+            )
+        lost = lost_training_settings(self._trained_settings, self.scheduler)
+        if lost:
+            details = ", ".join(f"{key}={trained!r} became {value!r}" for key, (trained, value) in lost.items())
+            raise ValueError(
+                f"the scheduler {scheduler_name} does not keep the settings the UNet was trained with: {details}. "
+                "diffusers' from_config drops settings that the source config left at their defaults; swap "
+                f"schedulers with pipe.set_scheduler({scheduler_name!r}), which keeps them"
+            )
         config = self.scheduler.config
         if config.get("rescale_betas_zero_snr", False) and config.get("prediction_type") == "epsilon":
             raise ValueError(
@@ -246,52 +458,33 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     # Sampling
 
-    def _sampling_scheduler(self, clip_sample):
-        """A fresh copy of the scheduler for one call, with its own clipping turned off.
+    def _predict(self, model_input, timestep, class_labels, uncond_labels, scales, guide: bool, guidance_rescale):
+        """Run the UNet once, on B rows or on 2B rows when `guide`, and return the prediction for the B samples.
 
-        The scheduler's clipping acts on its x_0 estimate but steps with the unclipped model output; under guidance
-        the two disagree and samples drift to a grey or black background. The pipeline clips x_0 itself and feeds the
-        scheduler a model output that agrees with the clipped x_0 (`_clip_consistently`). A fresh copy also
-        keeps the state of multistep schedulers from leaking between calls.
+        Without `guide`, each image gets its conditional prediction, or its null (or negative) one where s = 0: the
+        guided prediction at s = 0 and s = 1, and outside the guidance interval, where s = 1 applies.
         """
-        config = dict(self.scheduler.config)
-        wants_clipping = bool(config.get("clip_sample", False) or config.get("thresholding", False))
-        clip = wants_clipping if clip_sample is None else clip_sample
-        overrides = {key: False for key in ("clip_sample", "thresholding") if key in config}
-        scheduler = self.scheduler.__class__.from_config(self.scheduler.config, **overrides)
-        return scheduler, clip
-
-    def _alpha_bar(self, scheduler, timestep, device) -> torch.Tensor:
-        """a_t at a (possibly fractional) model timestep, interpolating log sigma as the Euler-type schedulers do."""
-        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
-        log_sigmas = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)
-        t = torch.as_tensor(timestep, dtype=torch.float64, device=device).clamp(0, len(alphas_cumprod) - 1)
-        low = t.floor().long()
-        high = (low + 1).clamp(max=len(alphas_cumprod) - 1)
-        log_sigma = torch.lerp(log_sigmas[low], log_sigmas[high], t - low)
-        return (1 / (1 + torch.exp(2 * log_sigma))).float()
-
-    def _predict(self, model_input, timestep, class_labels, scales, uncond_labels, guide, guidance_rescale):
-        """Run the UNet once (B or 2B rows) and return the guided prediction for the B samples."""
         batch_size = model_input.shape[0]
-        unet_dtype = self.unet.dtype
-        if guide:
-            # One batched forward: the first half carries the labels, the second half the null or negative labels.
-            labels = torch.cat([class_labels, uncond_labels])
-            model_input = torch.cat([model_input, model_input])
-        else:
-            labels = class_labels
-        timesteps = timestep.expand(model_input.shape[0]) if timestep.ndim == 0 else timestep
-        output = self.unet(model_input.to(unet_dtype), timesteps, class_labels=labels).sample.float()
+        scale = scales.view(-1, *([1] * (model_input.ndim - 1)))
         if not guide:
-            return output
+            labels = torch.where(scales == 0, uncond_labels, class_labels)
+            return self._unet_forward(model_input, timestep, labels)
 
+        # One batched forward: the first half carries the labels, the second half the null or negative labels.
+        output = self._unet_forward(
+            torch.cat([model_input, model_input]), timestep, torch.cat([class_labels, uncond_labels])
+        )
         conditional, unconditional = output[:batch_size], output[batch_size:]
-        scale = scales.view(-1, *([1] * (conditional.ndim - 1)))
         guided = unconditional + scale * (conditional - unconditional)
         if guidance_rescale > 0:
-            guided = rescale_guided_prediction(guided, conditional, guidance_rescale)
+            # An image sampled at s = 0 asked for the unconditional prediction, which has nothing to rescale toward.
+            rescaled = rescale_guided_prediction(guided, conditional, guidance_rescale)
+            guided = torch.where(scale == 0, guided, rescaled)
         return guided
+
+    def _unet_forward(self, model_input, timestep, labels) -> torch.Tensor:
+        timesteps = timestep.expand(model_input.shape[0]) if timestep.ndim == 0 else timestep
+        return self.unet(model_input.to(self.unet.dtype), timesteps, class_labels=labels).sample.float()
 
     @torch.no_grad()
     def __call__(
@@ -372,6 +565,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         # 1. Labels, scales and checks
         if class_labels is None:
+            if negative_class_labels is not None:
+                raise ValueError(
+                    "negative_class_labels needs class_labels: without class_labels the images are unconditional "
+                    "samples, which have no guidance to steer away from a class"
+                )
             batch_size = batch_size if batch_size is not None else (len(latents) if latents is not None else 1)
             labels = torch.full((batch_size,), self.null_class_id, dtype=torch.long, device=device)
             scales = torch.zeros(batch_size, device=device)
@@ -394,21 +592,21 @@ class ClassConditionalPipeline(DiffusionPipeline):
         unknown_inputs = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown_inputs:
             raise ValueError(
-                f"callback_on_step_end_tensor_inputs {unknown_inputs} are not available; choose from {self._callback_tensor_inputs}"
+                f"callback_on_step_end_tensor_inputs {unknown_inputs} are not available; "
+                f"choose from {self._callback_tensor_inputs}"
             )
 
-        # s = 0 is the unconditional (or negative-label) prediction alone and s = 1 the conditional one alone: both
-        # need a single pass of B rows. Any other mix needs both halves in one batch of 2B.
-        if bool((scales == 0).all()):
-            labels, scales = uncond_labels, torch.ones_like(scales)
-        needs_guidance = not bool((scales == 1).all())
+        # At s = 0 the guided prediction is the unconditional (or negative-label) one alone, and at s = 1 the
+        # conditional one alone: when every image has one of these, one pass of B rows gives them all. Any other
+        # scale needs both predictions, from one batched pass of 2B rows.
+        needs_guidance = not bool(((scales == 0) | (scales == 1)).all())
 
         # 2. Scheduler and starting noise
-        scheduler, clip = self._sampling_scheduler(clip_sample)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        if isinstance(self.unet.config.sample_size, (list, tuple)):
-            shape = (batch_size, self.unet.config.in_channels, *self.unet.config.sample_size)
+        scheduler, clip = self._sampling_scheduler(num_inference_steps, clip_sample, generator, device)
+        sample_size = self.unet.config.sample_size
+        if isinstance(sample_size, int):
+            sample_size = (sample_size, sample_size)
+        shape = (batch_size, self.unet.config.in_channels, *sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -432,21 +630,28 @@ class ClassConditionalPipeline(DiffusionPipeline):
             if guide and guidance_interval is not None:
                 sigma = float(((1 - alpha_bar) / alpha_bar).sqrt())
                 guide = guidance_interval[0] < sigma <= guidance_interval[1]
-            model_output = self._predict(model_input, t, labels, scales, uncond_labels, guide, guidance_rescale)
+            model_output = self._predict(model_input, t, labels, uncond_labels, scales, guide, guidance_rescale)
+            if not torch.isfinite(model_output).all():
+                raise FloatingPointError(
+                    f"the UNet returned non-finite values at step {step_index} (timestep {float(t):g}) of "
+                    f"{len(scheduler.timesteps)}; check the model weights and dtype ({self.unet.dtype})"
+                )
 
             if clip:
-                x0 = threshold_x0(predict_x0(model_output, model_input, alpha_bar, prediction_type), self.scheduler.config)
+                x0 = predict_x0(model_output, model_input, alpha_bar, prediction_type)
+                x0 = threshold_x0(x0, self.scheduler.config)
                 model_output = prediction_from_x0(x0, model_input, alpha_bar, prediction_type)
 
             latents = scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
             if not torch.isfinite(latents).all():
                 raise FloatingPointError(
                     f"sampling produced non-finite values at step {step_index} (timestep {float(t):g}) of "
-                    f"{len(scheduler.timesteps)} with {scheduler.__class__.__name__}; check the model weights and dtype"
+                    f"{len(scheduler.timesteps)} with {scheduler.__class__.__name__}, from a finite model output"
                 )
 
             if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in tensor_inputs}
+                available = {"latents": latents}
+                callback_kwargs = {name: available[name] for name in tensor_inputs}
                 callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs) or {}
                 latents = callback_outputs.get("latents", latents)
 
