@@ -150,7 +150,9 @@ def _delete(path: str) -> None:
 
 
 def prune(output_dir: str, total_limit: int, keep=()) -> list:
-    """Delete the oldest checkpoints until at most `total_limit` remain, never one in `keep`. Returns the deleted paths.
+    """Delete the oldest checkpoints until at most `total_limit` remain, never one in `keep`.
+
+    Returns the deleted paths.
 
     Checkpoints in `keep` count toward the limit but are never deleted, so more than `total_limit` remain when
     deleting all the others is not enough.
@@ -180,9 +182,8 @@ def remove_unfinished(output_dir: str) -> list:
     root = checkpoints_root(output_dir)
     if not os.path.isdir(root):
         return []
-    leftovers = [
-        os.path.join(root, name) for name in sorted(os.listdir(root)) if name.startswith((PARTIAL_PREFIX, DELETING_PREFIX))
-    ]
+    names = sorted(name for name in os.listdir(root) if name.startswith((PARTIAL_PREFIX, DELETING_PREFIX)))
+    leftovers = [os.path.join(root, name) for name in names]
     for path in leftovers:
         logger.info("Deleting %s, left unfinished by an earlier run", path)
         shutil.rmtree(path, ignore_errors=True)

@@ -202,7 +202,8 @@ def load_labeled_images(
     else:
         values = sorted(set(splits["train"][label_column]))
         if values[0] < 0:
-            raise ValueError(f"label column {label_column!r} contains negative labels {[v for v in values if v < 0][:10]}")
+            negative = [value for value in values if value < 0][:10]
+            raise ValueError(f"label column {label_column!r} contains negative labels {negative}")
         id2label = {i: str(i) for i in range(values[-1] + 1)}
     for split_name, split in splits.items():
         if label_column not in split.column_names:

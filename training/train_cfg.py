@@ -228,7 +228,9 @@ def build_accelerator(args: argparse.Namespace, mixed_precision: str) -> Acceler
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")
+        ),
         # The sampler is reseeded with seed + epoch, so the data order of any epoch is known again after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
@@ -314,8 +316,11 @@ class TrainingGenerator:
     def load(self, folder: str) -> None:
         path = os.path.join(folder, self.file_name)
         if not os.path.isfile(path):
-            logger.warning(f"{folder} has no {self.file_name} (it was saved by fewer processes); process "
-                           f"{self.process_index} keeps drawing from its initial seed", main_process_only=False)  # fmt: skip
+            logger.warning(
+                f"{folder} has no {self.file_name} (it was saved by fewer processes); process {self.process_index} "
+                "keeps drawing from its initial seed",
+                main_process_only=False,
+            )
             return
         self.generator.set_state(torch.load(path, weights_only=True))
 
@@ -466,8 +471,10 @@ def train(run: TrainingRun, global_step: int) -> int:
         skip_batches = 0
         for batch in batches:
             with accelerator.accumulate(run.unet):
-                loss, null_share = train_step(batch, run.unet, run.noise_scheduler, run.null_class_id,
-                                              args.cond_drop_prob, args.prediction_type, run.generator.generator)  # fmt: skip
+                loss, null_share = train_step(
+                    batch, run.unet, run.noise_scheduler, run.null_class_id, args.cond_drop_prob,
+                    args.prediction_type, run.generator.generator,
+                )  # fmt: skip
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(run.unet.parameters(), args.max_grad_norm)
@@ -545,8 +552,10 @@ def log_class_accuracy(run: TrainingRun, step: int) -> None:
     unwrapped = run.accelerator.unwrap_model(run.unet)
     with EMAWeights(run.ema, unwrapped):
         pipe = build_pipeline(unwrapped, run.noise_scheduler, run.data.id2label, args.guidance_scale)
-        results = evaluate_guidance_scales(pipe, run.classifier, args.eval_guidance_scales, args.eval_samples_per_class,
-                                           args.num_inference_steps, mixed_precision=run.mixed_precision)  # fmt: skip
+        results = evaluate_guidance_scales(
+            pipe, run.classifier, args.eval_guidance_scales, args.eval_samples_per_class, args.num_inference_steps,
+            mixed_precision=run.mixed_precision,
+        )  # fmt: skip
     run.accelerator.log({f"class_accuracy/s={row['guidance_scale']:g}": row["class_accuracy"] for row in results},
                         step=step)  # fmt: skip
 
@@ -569,7 +578,9 @@ def resolved_config(args, accelerator, data, unet, mixed_precision, resolution, 
         "num_processes": accelerator.num_processes,
         "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "resume_checkpoint": resume_path,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__},
+        "versions": {
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__,
+        },  # fmt: skip
     }
 
 

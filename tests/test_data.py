@@ -1,0 +1,181 @@
+"""Loading labeled images: batches and their types, data loader workers under spawn, channel conversion, and the
+errors for datasets without a label column or with labels outside the declared classes."""
+
+import argparse
+import logging
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration
+from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from diffusers_cfg.training import train_cfg
+from diffusers_cfg.training.data import (
+    ImageTransform,
+    channel_conversion_note,
+    collate_examples,
+    detect_image_format,
+    load_labeled_images,
+    transformed_split,
+)
+
+
+def gray_image(value: int, size: int = 8) -> Image.Image:
+    return Image.fromarray(np.full((size, size), value, dtype=np.uint8), mode="L")
+
+
+def rgb_image(value: int, size: int = 8) -> Image.Image:
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[..., 0] = value
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def write_parquet(path, columns: dict, features: Features) -> str:
+    Dataset.from_dict(columns, features=features).to_parquet(str(path))
+    return str(path)
+
+
+def data_args(**overrides) -> argparse.Namespace:
+    defaults = {"dataset_name": "builtin:digits", "image_column": None, "label_column": None,
+                "dataset_cache_dir": None, "resolution": None, "num_channels": None, "train_batch_size": 16,
+                "dataloader_num_workers": 0, "seed": 0}  # fmt: skip
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+@pytest.fixture
+def accelerator():
+    yield Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_batch_types_and_shapes():
+    data = load_labeled_images("builtin:digits")
+    split = transformed_split(data, "train", 8, 1)
+    batch = collate_examples([split[i] for i in range(5)])
+    assert set(batch) == {"pixel_values", "class_labels"}
+    assert batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (5, 1, 8, 8)
+    assert -1.0 <= batch["pixel_values"].min() < batch["pixel_values"].max() <= 1.0
+    assert batch["class_labels"].dtype == torch.int64
+    assert batch["class_labels"].shape == (5,)
+    assert batch["class_labels"].tolist() == data.splits["train"]["label"][:5]
+
+
+def test_transform_and_collate_pickle():
+    # The spawn start method sends them to the workers by pickling.
+    transform = pickle.loads(pickle.dumps(ImageTransform("image", "label", 8, 3)))
+    assert transform({"image": [gray_image(255)], "label": [4]})["pixel_values"][0].shape == (3, 8, 8)
+    assert pickle.loads(pickle.dumps(collate_examples)) is collate_examples
+
+
+def first_batches(loader, count: int) -> list:
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+@pytest.mark.slow
+def test_spawn_workers_give_same_batches(accelerator):
+    _, serial_loader, _, _ = train_cfg.build_data(data_args(), accelerator)
+    _, worker_loader, _, _ = train_cfg.build_data(data_args(dataloader_num_workers=2), accelerator)
+    assert worker_loader.multiprocessing_context.get_start_method() == "spawn"
+    serial_loader, worker_loader = accelerator.prepare(serial_loader, worker_loader)
+
+    expected = first_batches(serial_loader, 3)
+    found = first_batches(worker_loader, 3)
+    assert len(found) == 3
+    for batch, reference in zip(found, expected):
+        assert batch["pixel_values"].dtype == torch.float32
+        assert batch["pixel_values"].shape == (16, 1, 8, 8)
+        assert batch["class_labels"].dtype == torch.int64
+        assert batch["class_labels"].shape == (16,)
+        assert torch.equal(batch["pixel_values"], reference["pixel_values"])
+        assert torch.equal(batch["class_labels"], reference["class_labels"])
+
+
+def test_rgb_images_convert_to_one_channel(tmp_path, accelerator, caplog):
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["dark", "bright"])})
+    path = write_parquet(tmp_path / "rgb.parquet", {"image": [rgb_image(40 * i) for i in range(6)],
+                                                    "label": [i % 2 for i in range(6)]}, features)  # fmt: skip
+    data = load_labeled_images(path)
+    assert detect_image_format(data) == (8, 3)
+
+    caplog.set_level(logging.INFO)
+    _, loader, _, channels = train_cfg.build_data(data_args(dataset_name=path, num_channels=1, train_batch_size=2),
+                                                  accelerator)  # fmt: skip
+    assert channels == 1
+    assert "Converting images to 1 channel" in caplog.text
+    assert "6 RGB" in caplog.text
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (2, 1, 8, 8)
+
+
+def test_grayscale_images_convert_to_three_channels():
+    data = load_labeled_images("builtin:digits")
+    note = channel_conversion_note(data, 3, limit=50)
+    assert note.startswith("Converting images to 3 channels (RGB)")
+    assert "50 L" in note
+    assert channel_conversion_note(data, 1) is None
+    pixels = transformed_split(data, "train", 8, 3)[0]["pixel_values"]
+    assert pixels.shape == (3, 8, 8)
+    assert torch.equal(pixels[0], pixels[1])
+    assert torch.equal(pixels[1], pixels[2])
+
+
+def test_mixed_modes_are_reported(tmp_path):
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    images = [gray_image(10), rgb_image(20), gray_image(30), Image.new("LA", (8, 8))]
+    data = load_labeled_images(write_parquet(tmp_path / "mixed.parquet", {"image": images, "label": [0, 1, 0, 1]},
+                                             features))  # fmt: skip
+    assert detect_image_format(data) == (8, 1)
+    note = channel_conversion_note(data, 1)
+    assert note is not None and note.endswith("the first 4 training images include 1 RGB")
+
+
+def test_missing_label_column_lists_columns(tmp_path):
+    features = Features({"image": ImageFeature(), "caption": Value("string")})
+    columns = {"image": [gray_image(0)] * 2, "caption": ["a", "b"]}
+    path = write_parquet(tmp_path / "captions.parquet", columns, features)
+    with pytest.raises(ValueError, match=r"no label column .*image \(Image\), caption \(string\).*--label_column"):
+        load_labeled_images(path)
+    with pytest.raises(ValueError, match="--label_column 'caption' is not a ClassLabel or integer column"):
+        load_labeled_images(path, label_column="caption")
+    with pytest.raises(ValueError, match="--label_column 'class' is not a column"):
+        load_labeled_images(path, label_column="class")
+
+
+def test_labels_outside_declared_classes_are_named(tmp_path):
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    dataset = Dataset.from_dict({"image": [gray_image(0)] * 5, "label": [0, 1, 4, 1, 7]}, features=features)
+    # Casting to fewer class names keeps the values: the parquet file then declares 2 classes and contains 4 and 7.
+    path = str(tmp_path / "narrowed.parquet")
+    dataset.cast_column("label", ClassLabel(names=["zero", "one"])).to_parquet(path)
+    with pytest.raises(ValueError, match=r"outside the 2 declared classes \[0, 2\) in column 'label': 4, 7$"):
+        load_labeled_images(path)
+
+
+def test_negative_labels_are_named(tmp_path):
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    path = write_parquet(tmp_path / "negative.parquet", {"image": [gray_image(0)] * 3, "label": [0, -1, 2]}, features)
+    with pytest.raises(ValueError, match=r"negative labels \[-1\]"):
+        load_labeled_images(path)
+
+
+def test_classes_without_examples_warn(tmp_path, caplog):
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    path = write_parquet(tmp_path / "gaps.parquet", {"image": [gray_image(0)] * 3, "label": [0, 3, 3]}, features)
+    with caplog.at_level(logging.WARNING):
+        data = load_labeled_images(path)
+    assert data.num_classes == 4
+    assert "['1', '2']" in caplog.text
+    assert "no training examples" in caplog.text
