@@ -92,7 +92,8 @@ def sample_grids(args: argparse.Namespace) -> list:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = ClassConditionalPipeline.from_pretrained(args.pretrained, revision=args.revision).to(device)
     if args.scheduler is not None:
-        pipe.scheduler = scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
+        # set_scheduler keeps the noise schedule the UNet was trained on; from_config alone may not (Heun).
+        pipe.set_scheduler(scheduler_class(args.scheduler))
     pipe.set_progress_bar_config(disable=True)
 
     labels = [parse_label(text) for text in args.labels] if args.labels else list(range(pipe.num_classes))

@@ -279,7 +279,9 @@ def run_sweep(pipe, classifier, reference: RealReference, args, scales: list, sc
     progress = tqdm(runs, desc="guidance sweep", unit="run")
     for name, scheduler_cls, steps, scale, seed in progress:
         progress.set_postfix_str(f"{name}, {steps} steps, s = {scale:g} (w = {guidance_weight(scale):g}), seed {seed}")
-        pipe.scheduler = scheduler_cls.from_config(saved_scheduler.config)
+        # set_scheduler keeps the noise schedule the UNet was trained on; from_config alone may not (Heun).
+        pipe.scheduler = saved_scheduler
+        pipe.set_scheduler(scheduler_cls)
         row = {
             "scheduler": name,
             "scheduler_class": scheduler_cls.__name__,
