@@ -90,7 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--num_train_timesteps", type=int, default=1000, help="Steps of the training noise schedule.")
     model.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
                        help="Noise schedule.")
-    model.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"],
+    # v-prediction by default: with epsilon prediction, a (16, 32, 64) UNet trained for 700 steps on mnist-5k turned a
+    # third of its samples all white or all black, because x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) multiplies any
+    # error in the predicted noise's mean by up to 150 at the noisiest steps. v-prediction has no such division.
+    model.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction", "sample"],
                        help="What the UNet predicts.")
 
     guidance = parser.add_argument_group("guidance")
@@ -574,7 +577,7 @@ def resolved_config(args, accelerator, data, unet, mixed_precision, resolution, 
         "id2label": data.id2label,
         "block_out_channels": list(unet.config.block_out_channels),
         "num_parameters": num_parameters,
-        "model_size_mb_fp32": round(num_parameters * 4 / 2**20, 3),
+        "model_size_mib_fp32": round(num_parameters * 4 / 2**20, 3),
         "num_processes": accelerator.num_processes,
         "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "resume_checkpoint": resume_path,
@@ -604,7 +607,7 @@ def main(argv=None):
     if args.dry_run:
         accelerator.print(json.dumps(config, indent=2))
         accelerator.print(f"UNet2DModel: {config['num_parameters']:,} parameters, "
-                          f"{config['model_size_mb_fp32']:.2f} MiB in fp32")  # fmt: skip
+                          f"{config['model_size_mib_fp32']:.2f} MiB in fp32")  # fmt: skip
         return config
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
