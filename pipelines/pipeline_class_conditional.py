@@ -32,7 +32,7 @@ MODULE_STEM = os.path.splitext(os.path.basename(__file__))[0]
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 # Scheduler settings that define the noise process the UNet was trained on. A scheduler swapped in for sampling must
-# keep them; every other setting (timestep spacing, solver order, clipping) is free to change.
+# keep them, while every other setting (timestep spacing, solver order, clipping) may change.
 TRAINING_SETTINGS = (
     "num_train_timesteps",
     "beta_schedule",
@@ -82,28 +82,33 @@ def rescale_guided_prediction(guided, conditional, guidance_rescale):
     """Rescale the guided prediction's standard deviation toward the conditional one (Lin et al. 2023, eq. 15-16)."""
     dims = list(range(1, guided.ndim))
     guided_std = guided.std(dim=dims, keepdim=True)
-    # A constant guided prediction has no spread to rescale; leave it as it is instead of dividing by zero.
+    # A constant guided prediction has no spread to rescale, so it stays as it is instead of being divided by zero.
     ratio = torch.where(guided_std > 0, conditional.std(dim=dims, keepdim=True) / guided_std, torch.ones_like(guided_std))
     return guidance_rescale * guided * ratio + (1 - guidance_rescale) * guided
 
 
 def training_settings(config) -> dict:
     """Return the entries of a scheduler config that define the noise process a model is trained on."""
-    return {key: config[key] for key in TRAINING_SETTINGS if key in config}
+    return {key: _plain(config[key]) for key in TRAINING_SETTINGS if key in config}
+
+
+def _plain(value):
+    # `trained_betas` may be a NumPy array or a tensor, which `!=` would compare element by element.
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def lost_training_settings(trained: dict, scheduler) -> dict:
     """Return {setting: (trained value, the scheduler's value)} for every training setting `scheduler` does not keep."""
     lost = {}
     for key, trained_value in trained.items():
-        value = scheduler.config.get(key, TRAINING_SETTING_NEUTRAL.get(key, "<not supported>"))
+        value = _plain(scheduler.config.get(key, TRAINING_SETTING_NEUTRAL.get(key, "<not supported>")))
         if value != trained_value:
             lost[key] = (trained_value, value)
     return lost
 
 
 def _has_repeated_timesteps(scheduler, num_inference_steps: int) -> bool:
-    """Whether a scheduler with one timestep per step visits a timestep twice."""
+    """Return whether a scheduler with one timestep per step visits a timestep twice."""
     timesteps = scheduler.timesteps
     if len(timesteps) != num_inference_steps:
         # Schedulers with two model calls per step (Heun, KDPM2, PNDM's warm-up) repeat timesteps on purpose.
@@ -188,7 +193,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             )
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         module_path = os.path.join(save_directory, f"{MODULE_STEM}.py")
-        # This module may itself be the copy in `save_directory`, when it was loaded from there as a custom pipeline.
+        # This module may itself be the file in `save_directory`, when it was imported from there.
         if not (os.path.exists(module_path) and os.path.samefile(__file__, module_path)):
             shutil.copyfile(__file__, module_path)
         index_path = os.path.join(save_directory, "model_index.json")
@@ -248,10 +253,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def _sampling_scheduler(self, num_inference_steps: int, clip_sample, generator, device):
         """Return a fresh copy of the scheduler for one call, with its timesteps set, and whether to clip x_0.
 
-        The copy has the scheduler's own clipping turned off. The scheduler's clipping acts on its x_0 estimate but
-        steps with the unclipped model output; under guidance the two disagree and samples drift to a grey or black
-        background. The pipeline clips x_0 itself and gives the scheduler a model output that agrees with the clipped
-        x_0. A fresh copy also keeps the state of multistep schedulers from leaking between calls.
+        The copy has the scheduler's own clipping turned off. DDIM's clipping, for one, acts on its x_0 estimate but
+        steps with the unclipped model output. Under guidance the two disagree, and samples drift to a grey or black
+        background or flip to the other end of the range. So the pipeline clips x_0 itself and gives the scheduler a
+        model output that agrees with the clipped x_0. A fresh copy also keeps the state of multistep schedulers from
+        leaking between calls.
         """
         config = self.scheduler.config
         scheduler_name = self.scheduler.__class__.__name__
@@ -259,8 +265,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         clip = wants_clipping if clip_sample is None else bool(clip_sample)
         overrides = {key: False for key in ("clip_sample", "thresholding") if key in config}
 
-        # PNDM's Runge-Kutta warm-up takes `pndm_order` (4) timesteps; with fewer steps, its linear multistep method
-        # alone is the only one that fits.
+        # PNDM's Runge-Kutta warm-up takes `pndm_order` (4) timesteps, and diffusers fails with fewer. Its linear
+        # multistep method alone runs at any step count.
         pndm_order = getattr(self.scheduler, "pndm_order", None)
         if config.get("skip_prk_steps") is False and pndm_order is not None and num_inference_steps < pndm_order:
             logger.warning(
@@ -290,24 +296,37 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 f"{scheduler_name} repeats timesteps for num_inference_steps={num_inference_steps}: "
                 f"{scheduler.timesteps.tolist()}; use fewer steps"
             )
+        # KDPM2AncestralDiscreteScheduler of diffusers 0.42.1, for one, computes NaN timesteps in float32 when the
+        # largest noise level is thousands of times the next one (a cosine schedule sampled in a few steps).
         if not torch.isfinite(scheduler.timesteps).all():
             raise ValueError(
                 f"{scheduler_name} computed non-finite timesteps for num_inference_steps={num_inference_steps} with "
-                f"this noise schedule: {scheduler.timesteps.tolist()}. Its float32 sigma arithmetic fails when the "
-                "largest noise level is much larger than the next one; use more steps, timestep_spacing='leading', "
+                f"this noise schedule: {scheduler.timesteps.tolist()}; use more steps, timestep_spacing='leading', "
                 "or another scheduler"
             )
 
-        # DPMSolverSDEScheduler draws its Brownian noise from a seed, not from a generator. Seeds drawn from the
-        # generators make its samples reproducible, and with one generator per image, each image's noise its own.
-        if hasattr(scheduler, "noise_sampler_seed") and generator is not None:
-            generators = generator if isinstance(generator, list) else [generator]
-            seeds = [int(torch.randint(0, 2**63 - 1, (), generator=source, device=source.device)) for source in generators]
-            scheduler.noise_sampler_seed = seeds if isinstance(generator, list) else seeds[0]
         return scheduler, clip
 
+    @staticmethod
+    def _seed_noise_sampler(scheduler, generator):
+        """Seed the Brownian noise of DPMSolverSDEScheduler from `generator`, which its `step` does not take.
+
+        Without this its noise comes from torch's global random state. With one generator per image, each image's
+        noise depends on its own generator only.
+        """
+        if not hasattr(scheduler, "noise_sampler_seed") or generator is None:
+            return
+        generators = generator if isinstance(generator, list) else [generator]
+        seeds = [int(torch.randint(0, 2**63 - 1, (), generator=source, device=source.device)) for source in generators]
+        scheduler.noise_sampler_seed = seeds if isinstance(generator, list) else seeds[0]
+
     def _alpha_bar(self, scheduler, timestep, device) -> torch.Tensor:
-        """a_t at a model timestep; between integer timesteps, log sigma is interpolated as Karras-type schedules do."""
+        """Return a_t at a model timestep, interpolating log sigma between integer timesteps as Karras sigmas do.
+
+        NOTE: Euler-type schedulers with "linspace" spacing interpolate sigma itself. Between two training timesteps
+        the two disagree by up to about 2% of sigma (at the lowest noise levels of a linear 1000-step schedule), which
+        only shifts where clipping applies and where the guidance interval starts.
+        """
         alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
         t = torch.as_tensor(timestep, dtype=torch.float64, device=device).clamp(0, len(alphas_cumprod) - 1)
         low = t.floor().long()
@@ -325,8 +344,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """Turn an int, a name, a list of ints or names, or a 1-D tensor into a long tensor of shape (B,).
 
         Raises:
-            ValueError: for a tensor that is not 1-D or holds non-integer values, a name not in `id2label`, or a label
-                outside `[0, num_classes)`; the message names the value and what is allowed.
+            ValueError: for a tensor that is not 1-D or contains non-integer values, a name not in `id2label`, or a
+                label outside `[0, num_classes)`. The message names the value and what is allowed.
         """
         if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
             class_labels = class_labels.reshape(1)
@@ -357,18 +376,19 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def _tensor_class_ids(class_labels: torch.Tensor) -> list[int]:
         if class_labels.is_meta:
             raise ValueError(
-                "class_labels is a tensor on the meta device, which holds no values; pass a tensor with data"
+                "class_labels is a tensor on the meta device, which has no data; pass a tensor with values, for "
+                "instance on the CPU"
             )
         if class_labels.ndim != 1:
             raise ValueError(
                 f"class_labels must be a 1-D tensor of shape (batch_size,), got shape {tuple(class_labels.shape)}"
             )
         if class_labels.dtype == torch.bool or class_labels.is_complex():
-            raise ValueError(f"class_labels must hold integer class ids, got dtype {class_labels.dtype}")
+            raise ValueError(f"class_labels must contain integer class ids, got dtype {class_labels.dtype}")
         if class_labels.is_floating_point():
             values = class_labels.detach().cpu().double()
             if not (torch.isfinite(values).all() and torch.equal(values, values.round())):
-                raise ValueError(f"class_labels must hold whole numbers, got {values.tolist()}")
+                raise ValueError(f"class_labels must contain whole numbers, got {values.tolist()}")
         return class_labels.detach().to(device="cpu", dtype=torch.long).tolist()
 
     def _class_id(self, label) -> int:
@@ -461,8 +481,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def _predict(self, model_input, timestep, class_labels, uncond_labels, scales, guide: bool, guidance_rescale):
         """Run the UNet once, on B rows or on 2B rows when `guide`, and return the prediction for the B samples.
 
-        Without `guide`, each image gets its conditional prediction, or its null (or negative) one where s = 0: the
-        guided prediction at s = 0 and s = 1, and outside the guidance interval, where s = 1 applies.
+        Without `guide`, each image gets its conditional prediction, or its null (or negative) one where s = 0. That
+        is the guided prediction when every s is 0 or 1, and the prediction outside the guidance interval, where
+        s = 1 applies.
         """
         batch_size = model_input.shape[0]
         scale = scales.view(-1, *([1] * (model_input.ndim - 1)))
@@ -477,7 +498,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         conditional, unconditional = output[:batch_size], output[batch_size:]
         guided = unconditional + scale * (conditional - unconditional)
         if guidance_rescale > 0:
-            # An image sampled at s = 0 asked for the unconditional prediction, which has nothing to rescale toward.
+            # An image sampled at s = 0 requested the unconditional prediction, which is not rescaled.
             rescaled = rescale_guided_prediction(guided, conditional, guidance_rescale)
             guided = torch.where(scale == 0, guided, rescaled)
         return guided
@@ -510,8 +531,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         Args:
             class_labels (`int`, `str`, `list[int | str]` or `torch.Tensor`, *optional*):
-                The class of each image: ids in `[0, num_classes)`, names from `id2label`, or a 1-D tensor of ids. With
-                `None`, the images are unconditional samples (the null label) and `batch_size` sets their count.
+                The class of each image: ids in `[0, num_classes)`, names from `id2label`, or a 1-D tensor of ids
+                (a float tensor must contain whole numbers). With `None`, the images are unconditional samples (the null
+                label) and `batch_size` sets their count.
             guidance_scale (`float`, `list[float]` or `torch.Tensor`, *optional*, defaults to `None`):
                 The scale s in eps = eps_null + s * (eps_label - eps_null), one value or one per image; the weight w of
                 Ho & Salimans is s - 1. s = 0 samples unconditionally, s = 1 conditionally (one model pass each), s > 1
@@ -526,10 +548,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 Classes to steer away from: they replace the null label in the guidance formula.
             guidance_rescale (`float`, *optional*, defaults to 0.0):
                 Share in [0, 1] of the rescaling of Lin et al. (2023), which pulls the guided prediction's standard
-                deviation back toward the conditional one.
+                deviation back toward the conditional one. Images at s = 0 are not rescaled.
             guidance_interval (`tuple[float, float]`, *optional*):
                 Noise levels (low, high) in sigma = sqrt((1 - a_t) / a_t) units. Guidance applies only where low < sigma
-                <= high (Kynkäänniemi et al. 2024); elsewhere one conditional pass runs, which also saves model calls.
+                <= high (Kynkäänniemi et al. 2024). Elsewhere s = 1 applies, except to images at s = 0, and one pass of
+                B rows replaces the pass of 2B, which saves model calls.
             clip_sample (`bool`, *optional*):
                 Clip the x_0 estimate to the scheduler's `clip_sample_range` (or threshold it, when the scheduler
                 config asks for `thresholding`) consistently with the model output. `None` follows the scheduler
@@ -546,8 +569,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*):
                 Called after each step as `callback(pipe, step_index, timestep, callback_kwargs)`; it may return a
                 dict that replaces tensors named in `callback_on_step_end_tensor_inputs`.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
-                Tensors passed to the callback in `callback_kwargs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                Tensors passed to the callback in `callback_kwargs`; `None` passes `["latents"]`, the only one offered.
 
         Examples:
             ```py
@@ -555,8 +578,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
             >>> from diffusers_cfg.pipelines import ClassConditionalPipeline
 
             >>> pipe = ClassConditionalPipeline.from_pretrained("path/to/output_dir")
-            >>> images = pipe(class_labels=[3, 7], guidance_scale=4.0, generator=torch.Generator().manual_seed(0)).images
+            >>> scheduler = pipe.set_scheduler("DPMSolverMultistepScheduler")
+            >>> generator = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+            >>> images = pipe(class_labels=[3, 7], guidance_scale=4.0, num_inference_steps=20, generator=generator).images
+            >>> images[0].save("class_3.png")
             ```
+
+        Raises:
+            ValueError: for invalid labels, scales, step counts or output types, and for a scheduler that cannot sample
+                this UNet, before the first UNet call.
+            FloatingPointError: when the UNet output or the sample stops being finite, naming the step.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images, or a one-element tuple of them when `return_dict=False`.
@@ -570,7 +601,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
                     "negative_class_labels needs class_labels: without class_labels the images are unconditional "
                     "samples, which have no guidance to steer away from a class"
                 )
-            batch_size = batch_size if batch_size is not None else (len(latents) if latents is not None else 1)
+            if batch_size is None:
+                batch_size = len(latents) if latents is not None else 1
             labels = torch.full((batch_size,), self.null_class_id, dtype=torch.long, device=device)
             scales = torch.zeros(batch_size, device=device)
         else:
@@ -612,6 +644,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+        self._seed_noise_sampler(scheduler, generator)
 
         step_parameters = set(inspect.signature(scheduler.step).parameters)
         step_kwargs = {}
