@@ -175,8 +175,29 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 0, got {getattr(args, name)}")
     if not 0.0 <= args.cond_drop_prob < 1.0:
         raise ValueError(f"--cond_drop_prob must be in [0, 1), got {args.cond_drop_prob}")
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if args.num_inference_steps > args.num_train_timesteps:
+        raise ValueError(
+            f"--num_inference_steps {args.num_inference_steps} exceeds --num_train_timesteps "
+            f"{args.num_train_timesteps}; sampling cannot take more steps than the noise schedule has"
+        )
+    if not math.isfinite(args.max_grad_norm) or args.max_grad_norm <= 0:
+        raise ValueError(f"--max_grad_norm must be a positive number, got {args.max_grad_norm}")
+    if not 0.0 <= args.adam_beta1 < 1.0 or not 0.0 <= args.adam_beta2 < 1.0:
+        raise ValueError(f"--adam_beta1 and --adam_beta2 must be in [0, 1), got {args.adam_beta1} and {args.adam_beta2}")
+    if args.adam_weight_decay < 0:
+        raise ValueError(f"--adam_weight_decay must be at least 0, got {args.adam_weight_decay}")
+    if not 0.0 < args.ema_max_decay <= 1.0 or args.ema_power <= 0:
+        raise ValueError(
+            f"--ema_max_decay must be in (0, 1] and --ema_power positive, got {args.ema_max_decay} and {args.ema_power}"
+        )
+    if args.layers_per_block < 1:
+        raise ValueError(f"--layers_per_block must be at least 1, got {args.layers_per_block}")
+    if args.block_out_channels is not None and min(args.block_out_channels) < 1:
+        raise ValueError(f"--block_out_channels must all be at least 1, got {args.block_out_channels}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.resolution is not None and args.resolution < 4:
         raise ValueError(f"--resolution must be at least 4 pixels, got {args.resolution}")
     if args.eval_every_steps and not args.eval_samples_per_class:
@@ -184,8 +205,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id your-name/cfg-mnist")
     for scale in [args.guidance_scale, *args.eval_guidance_scales]:
-        if scale < 0:
-            raise ValueError(f"guidance scales must be >= 0 (0 = unconditional), got {scale}")
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(
+                f"--guidance_scale and --eval_guidance_scales must be finite and >= 0 (0 = unconditional), got {scale}"
+            )
     if args.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ImportError(
             "--report_to wandb needs the wandb package, which is not installed; install it with `pip install wandb`, "
@@ -567,8 +590,10 @@ def resolved_config(args, accelerator, data, unet, mixed_precision, resolution, 
     """Return the flags with every automatic choice filled in, as saved to training_config.json and printed by
     --dry_run."""
     num_parameters = sum(p.numel() for p in unet.parameters())
+    # The Hub token never goes into the saved config, the logs or --dry_run output: a push would upload it.
+    flags = {key: value for key, value in vars(args).items() if key != "hub_token"}
     return {
-        **vars(args),
+        **flags,
         "mixed_precision_resolved": mixed_precision,
         "resolution": resolution,
         "channels": channels,
@@ -753,4 +778,8 @@ def write_card(args, data, resolution, channels, report):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # Invalid flags and data are the user's to fix: one line, not a traceback.
+        raise SystemExit(f"error: {error}") from error
