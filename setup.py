@@ -46,7 +46,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.5"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.5", "torchsde>=0.2.5"],
     },
     entry_points={
         "console_scripts": [
