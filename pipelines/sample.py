@@ -97,9 +97,10 @@ def sample_grids(args: argparse.Namespace) -> list:
     pipe.set_progress_bar_config(disable=True)
 
     # A class name wins over a number: an imagefolder with folders "3" and "7" names ids 0 and 1 "3" and "7".
-    labels = [text if text in pipe.labels else parse_label(text) for text in args.labels] if args.labels else list(
-        range(pipe.num_classes)
-    )
+    if args.labels:
+        labels = [text if text in pipe.labels else parse_label(text) for text in args.labels]
+    else:
+        labels = list(range(pipe.num_classes))
     label_ids = pipe.prepare_class_labels(labels).tolist()
     scales = args.guidance_scales or [pipe.config.default_guidance_scale]
     written = []

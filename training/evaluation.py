@@ -14,17 +14,17 @@ logger = logging.getLogger(__name__)
 
 
 def guidance_weight(guidance_scale: float) -> float:
-    """The weight w of Ho & Salimans (2022) for a diffusers guidance scale s: w = s - 1."""
+    """Return the weight w of Ho & Salimans (2022) for a diffusers guidance scale s: w = s - 1."""
     return guidance_scale - 1.0
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix units (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    """Check whether this CPU has native bf16 matrix units (AVX-512 BF16 or AMX), without which bf16 is emulated and slow."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def autocast_context(device: torch.device, mixed_precision: str):
-    """An autocast context for "bf16" or "fp16", or a no-op for "no"."""
+    """Return an autocast context for "bf16" or "fp16", or a no-op context for "no"."""
     if mixed_precision == "no":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16

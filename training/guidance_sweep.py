@@ -36,8 +36,8 @@ from diffusers_cfg.pipelines.sample import SCHEDULER_ALIASES, scheduler_class
 from diffusers_cfg.training.classifier import load_or_train_classifier
 from diffusers_cfg.training.data import load_labeled_images, split_as_tensors
 from diffusers_cfg.training.evaluation import guidance_weight, image_grid, sample_class_balanced
+from diffusers_cfg.training.evaluation import score_samples as class_accuracy_of_samples
 from diffusers_cfg.training.metrics import (
-    class_accuracy,
     fit_gaussian,
     gaussian_frechet_distance,
     mean_and_spread,
@@ -234,7 +234,7 @@ class RealReference:
 
 def score_samples(classifier, reference: RealReference, images, labels, num_classes: int, seed: int) -> dict:
     """Return class accuracy (overall and per class), classifier FID, precision and recall of one batch of samples."""
-    accuracy = class_accuracy(classifier.predict(images).numpy(), labels.numpy(), num_classes)
+    accuracy = class_accuracy_of_samples(classifier, images, labels, num_classes)
     features = classifier.embed(images).double().numpy()
     fake_mean, fake_covariance = fit_gaussian(features)
     fid = gaussian_frechet_distance(reference.mean, reference.covariance, fake_mean, fake_covariance)
