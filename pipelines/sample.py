@@ -115,7 +115,8 @@ def sample_grids(args: argparse.Namespace) -> list:
             generator=generators,
             output_type="pil",
         ).images
-        grid = diffusers.utils.make_image_grid(images, rows=len(label_ids), cols=args.num_seeds)
+        # make_image_grid pastes onto an RGB canvas; keep grayscale models' grids in mode "L".
+        grid = diffusers.utils.make_image_grid(images, rows=len(label_ids), cols=args.num_seeds).convert(images[0].mode)
         path = grid_path(args.output, scale, len(scales) > 1)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         grid.save(path)
