@@ -104,12 +104,14 @@ def sweep_run(pipeline_dir, quick_classifier, tmp_path_factory):
     ]  # fmt: skip
     sampler_calls = []
 
-    def recording_sampler(pipe, samples_per_class, guidance_scale, num_inference_steps, batch_size, seed, *args):
+    def recording_sampler(pipe, samples_per_class, guidance_scale, num_inference_steps, batch_size, seed, *args,
+                          **kwargs):  # fmt: skip
         sampler_calls.append({"scheduler_class": pipe.scheduler.__class__.__name__, "guidance_scale": guidance_scale,
                               "num_inference_steps": num_inference_steps, "first_seed": seed,
-                              "num_images": samples_per_class * pipe.num_classes})  # fmt: skip
+                              "num_images": samples_per_class * pipe.num_classes,
+                              "clip_sample": kwargs.get("clip_sample")})  # fmt: skip
         return sample_class_balanced(
-            pipe, samples_per_class, guidance_scale, num_inference_steps, batch_size, seed, *args
+            pipe, samples_per_class, guidance_scale, num_inference_steps, batch_size, seed, *args, **kwargs
         )
 
     with pytest.MonkeyPatch.context() as patch:
@@ -351,13 +353,41 @@ def test_sweep_samples_every_setting(sweep_run):
     num_images = SAMPLES_PER_CLASS * NUM_CLASSES
     assert {call["num_images"] for call in calls} == {num_images}
     assert {call["first_seed"] for call in calls} == {seed * num_images for seed in SEEDS}
+    assert {call["clip_sample"] for call in calls} == {None}, "--clip_sample auto leaves clipping to the scheduler"
+
+
+@pytest.mark.parametrize("choice, expected", [("on", True), ("off", False), ("auto", None)])
+def test_clip_sample_reaches_pipeline(pipeline_dir, quick_classifier, monkeypatch, choice, expected):
+    received = []
+
+    def recording_sampler(pipe, *args, **kwargs):
+        received.append(kwargs.get("clip_sample", "missing"))
+        return sample_class_balanced(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(guidance_sweep, "sample_class_balanced", recording_sampler)
+    pipe = ClassConditionalPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    args = guidance_sweep.parse_args([str(pipeline_dir), "--schedulers", "ddim", "--num_inference_steps", "2",
+                                      "--samples_per_class", "1", "--seeds", "0", "--clip_sample", choice])  # fmt: skip
+    reference = guidance_sweep.RealReference(np.random.default_rng(0).normal(size=(50, 128)))
+    classes = guidance_sweep.resolve_schedulers(args.schedulers)
+    guidance_sweep.run_sweep(pipe, quick_classifier[0], reference, args, [3.0], classes)
+    assert received == [expected]
+
+
+def test_clip_sample_changes_samples(pipeline_dir):
+    pipe = ClassConditionalPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    clipped, _ = sample_class_balanced(pipe, 1, 3.0, 3, clip_sample=True)
+    unclipped, _ = sample_class_balanced(pipe, 1, 3.0, 3, clip_sample=False)
+    assert not torch.equal(clipped, unclipped), "clip_sample must reach the pipeline call"
 
 
 def test_failed_run_is_recorded(pipeline_dir, quick_classifier, monkeypatch):
-    def sampler_failing_at_scale_3(pipe, samples_per_class, guidance_scale, *args):
+    def sampler_failing_at_scale_3(pipe, samples_per_class, guidance_scale, *args, **kwargs):
         if guidance_scale == 3.0:
             raise FloatingPointError("sampling produced non-finite values")
-        return sample_class_balanced(pipe, samples_per_class, guidance_scale, *args)
+        return sample_class_balanced(pipe, samples_per_class, guidance_scale, *args, **kwargs)
 
     monkeypatch.setattr(guidance_sweep, "sample_class_balanced", sampler_failing_at_scale_3)
     pipe = ClassConditionalPipeline.from_pretrained(pipeline_dir)

@@ -40,11 +40,13 @@ def sample_class_balanced(
     seed: int = 0,
     mixed_precision: str = "no",
     class_ids=None,
+    clip_sample: bool | None = None,
 ):
     """Draw `samples_per_class` images of every class (or of `class_ids`).
 
     Image i uses its own generator seeded with `seed + i`, so a sample does not depend on the batch size. Returns
-    images in [-1, 1] as a float tensor (N, C, H, W) and the requested labels (N,).
+    images in [-1, 1] as a float tensor (N, C, H, W) and the requested labels (N,). `clip_sample` goes to the
+    pipeline: None follows the scheduler's config.
     """
     class_ids = list(range(pipe.num_classes)) if class_ids is None else list(class_ids)
     labels = torch.tensor(class_ids, dtype=torch.long).repeat_interleave(samples_per_class)
@@ -58,6 +60,7 @@ def sample_class_balanced(
                 guidance_scale=guidance_scale,
                 num_inference_steps=num_inference_steps,
                 generator=generators,
+                clip_sample=clip_sample,
                 output_type="pt",
             ).images
         chunks.append(images.float().cpu() * 2 - 1)

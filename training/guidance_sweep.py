@@ -57,6 +57,8 @@ SETTING_COLUMNS = ("scheduler", "scheduler_class", "num_inference_steps", "guida
 GRID_COLUMNS = 8
 # Report labels of the two recommended scales, keyed by the --set_default choice that picks each.
 RECOMMENDATION_LABELS = {"fid": "best classifier FID", "accuracy": "best class accuracy"}
+# Values of the pipeline's clip_sample argument for each --clip_sample choice.
+CLIP_SAMPLE_CHOICES = {"auto": None, "on": True, "off": False}
 TRAINING_CONFIG = "training_config.json"
 PIPELINE_INDEX = "model_index.json"
 
@@ -97,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="Seeds, each >= 0. With N samples per seed, image i of seed k starts from the noise "
                                "of generator seed k * N + i, so seeds never share noise, and all settings of one "
                                "seed start from the same noise.")
+    sampling.add_argument("--clip_sample", default="auto", choices=["auto", "on", "off"],
+                          help="Clip the x_0 estimate to [-1, 1] at every step (the pipeline's clip_sample). 'auto' "
+                               "follows each scheduler's config, which for a pipeline saved by training means off.")
     sampling.add_argument("--batch_size", type=int, default=250, help="Images per pipeline call.")
     sampling.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
                           help="Autocast dtype for sampling. 'no' samples in fp32.")
@@ -295,7 +300,8 @@ def run_sweep(pipe, classifier, reference: RealReference, args, scales: list, sc
         try:
             # Seed k owns the generator seeds k * N to k * N + N - 1, so no two seeds share starting noise.
             images, labels = sample_class_balanced(
-                pipe, args.samples_per_class, scale, steps, args.batch_size, seed * num_samples, args.mixed_precision
+                pipe, args.samples_per_class, scale, steps, args.batch_size, seed * num_samples, args.mixed_precision,
+                clip_sample=CLIP_SAMPLE_CHOICES[args.clip_sample],
             )
         except FloatingPointError as error:
             # One diverging setting (a large scale with few steps, say) must not cost the rest of the sweep.
@@ -441,7 +447,8 @@ def markdown_notes(summary: list, context: dict) -> list:
         (
             f"Dataset `{context['dataset']}`. Each setting was sampled with {len(context['seeds'])} seed(s) ({seeds}) "
             f"of {summary[0]['num_samples']} class-balanced samples each ({context['samples_per_class']} per class). "
-            "Cells show the mean ± sample standard deviation over the seeds."
+            f"Clipping of the x_0 estimate: {context['clip_sample']}. Cells show the mean ± sample standard "
+            "deviation over the seeds."
         ),
         "",
         (
@@ -701,6 +708,7 @@ def sweep(args: argparse.Namespace) -> dict:
         "dataset": dataset_name,
         "seeds": args.seeds,
         "samples_per_class": args.samples_per_class,
+        "clip_sample": args.clip_sample,
         "id2label": {class_id: data.id2label.get(class_id, str(class_id)) for class_id in range(pipe.num_classes)},
         "classifier_test_accuracy": classifier_info.get("test_accuracy"),
         "classifier_test_size": len(test_images),
@@ -733,6 +741,7 @@ def sweep(args: argparse.Namespace) -> dict:
             "samples_per_class": args.samples_per_class,
             "seeds": args.seeds,
             "mixed_precision": args.mixed_precision,
+            "clip_sample": args.clip_sample,
             "precision_recall_k": PRECISION_RECALL_K,
         },
         "files": {**paths, "grids": {f"{scale:g}": path for scale, path in grid_paths.items()}},
