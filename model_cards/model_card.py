@@ -2,7 +2,8 @@
 
 `render_model_card(**info)` returns the card as text and `write_model_card(output_dir, **info)` writes it to
 `output_dir/README.md`. Every field is optional; a section whose data is missing is left out, and no field is ever
-rendered as "None".
+rendered as "None". `training_card_fields(report)` returns the fields of a training run from its `eval_results.json`,
+so that the training script and the guidance sweep render the same card.
 
 Fields:
     repo_id (str): the Hub id, used in the loading examples and as the default title. Without it the examples show
@@ -86,6 +87,11 @@ REFERENCE_SCALES = (0.0, 1.0, 2.0, 4.0)
 # More classes than this are folded into a <details> block.
 MAX_UNFOLDED_CLASSES = 20
 
+# Written by the training script next to the pipeline: the resolved training configuration under "training" and,
+# when the run scored its samples, "classifier" and "guidance".
+TRAINING_REPORT_FILENAME = "eval_results.json"
+TRAINING_SCALE_SOURCE = "set by --guidance_scale at training time"
+
 MODEL_ID_PLACEHOLDER = "<user>/<model>"
 HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -112,6 +118,61 @@ def write_model_card(output_dir: str | os.PathLike, **info: Any) -> Path:
     card_path.write_text(card, encoding="utf-8")
     logger.info("Wrote the model card to %s", card_path)
     return card_path
+
+
+def training_card_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """Return the card fields of a training run from its report, the content of `eval_results.json`.
+
+    The recommended scale is the run's --guidance_scale, which training also saves as the pipeline's default. A
+    caller that changes that default overrides `guidance_scale` and `guidance_scale_source` in the result.
+    """
+    config = report["training"]
+    evaluation = None
+    if "guidance" in report:
+        evaluation = {
+            "results": [
+                {"guidance_scale": row["guidance_scale"], "class_accuracy": row["class_accuracy"]}
+                for row in report["guidance"]
+            ],
+            "classifier_accuracy": report["classifier"]["test_accuracy"],
+            "num_samples": report["guidance"][0]["num_samples"],
+            "num_inference_steps": config["num_inference_steps"],
+            "scheduler": report["guidance"][0]["scheduler"],
+        }
+    resolution, channels = config["resolution"], config["channels"]
+    ema = "off" if config["no_ema"] else f"max decay {config['ema_max_decay']}, warm-up power {config['ema_power']}"
+    settings = {
+        "dataset": report["dataset"],
+        "resolution": f"{resolution}x{resolution}, {channels} channel(s)",
+        "UNet block channels": config["block_out_channels"],
+        "parameters": f"{config['num_parameters'] / 1e6:.2f}M",
+        "label dropout (cond_drop_prob)": config["cond_drop_prob"],
+        "optimizer steps": config["max_train_steps"],
+        "batch size": config["total_batch_size"],
+        "learning rate": (
+            f"{config['learning_rate']:g} ({config['lr_scheduler']}, {config['lr_warmup_steps']} warm-up steps)"
+        ),
+        "EMA": ema,
+        "mixed precision": config["mixed_precision_resolved"],
+        "noise schedule": (
+            f"{config['beta_schedule']}, {config['num_train_timesteps']} steps, {config['prediction_type']} prediction"
+        ),
+    }
+    return {
+        "repo_id": config["hub_model_id"],
+        "id2label": config["id2label"],
+        "num_classes": config["num_classes"],
+        "dataset_name": report["dataset"],
+        "resolution": resolution,
+        "num_channels": channels,
+        "guidance_scale": config["guidance_scale"],
+        "guidance_scale_source": TRAINING_SCALE_SOURCE,
+        "num_inference_steps": config["num_inference_steps"],
+        "sample_grid": "samples.png",
+        "sample_grid_caption": f"One row per class, eight seeds, guidance scale s = {config['guidance_scale']:g}.",
+        "evaluation": evaluation,
+        "training_settings": settings,
+    }
 
 
 def installed_versions() -> dict[str, str]:

@@ -8,7 +8,9 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
+import re
 import shutil
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
+from training_helpers import run_main, tiny_argv
 
 from diffusers_cfg.pipelines import ClassConditionalPipeline
 from diffusers_cfg.training import guidance_sweep
@@ -473,19 +476,34 @@ def test_sweep_without_set_default_keeps_model_index(sweep_run):
     assert sweep_run["index_after"] == sweep_run["index_before"]
 
 
-def test_set_default_writes_chosen_scale(pipeline_dir, quick_classifier, tmp_path):
+def run_set_default_sweep(folder, choice: str, classifier, cache_dir):
+    """Sweep `folder` with DDIM at 2 steps and `--set_default choice`; return sweep.json's content and the output."""
+    argv = [
+        str(folder),
+        "--guidance_weights", *map(str, WEIGHTS),
+        "--schedulers", "ddim",
+        "--num_inference_steps", "2",
+        "--samples_per_class", str(SAMPLES_PER_CLASS),
+        "--seeds", *map(str, SEEDS),
+        "--set_default", choice,
+    ]  # fmt: skip
+    return run_sweep_command(argv, classifier, cache_dir)
+
+
+def test_set_default_writes_chosen_scale(pipeline_dir, quick_classifier, tmp_path, caplog):
     folder = tmp_path / "cfg-digits"
     shutil.copytree(pipeline_dir, folder)
-    report, printed = run_sweep_command(
-        [str(folder), "--guidance_weights", *map(str, WEIGHTS), "--schedulers", "ddim", "--num_inference_steps", "2",
-         "--samples_per_class", str(SAMPLES_PER_CLASS), "--seeds", *map(str, SEEDS), "--set_default", "fid"],
-        quick_classifier,
-        tmp_path / "cache",
-    )  # fmt: skip
+    caplog.set_level(logging.WARNING, logger=guidance_sweep.logger.name)
+    report, printed = run_set_default_sweep(folder, "fid", quick_classifier, tmp_path / "cache")
 
     chosen = report["best_fid"]["guidance_scale"]
     assert chosen in [weight + 1 for weight in WEIGHTS]
-    assert report["default_guidance_scale"] == {"source": "fid", "previous": SAVED_DEFAULT_SCALE, "new": chosen}
+    assert report["default_guidance_scale"] == {
+        "source": "fid",
+        "previous": SAVED_DEFAULT_SCALE,
+        "new": chosen,
+        "model_card": None,
+    }
     index = json.loads((folder / "model_index.json").read_text())
     assert index["default_guidance_scale"] == chosen
     assert index["_class_name"] == ["pipeline_class_conditional", "ClassConditionalPipeline"], "remote code entry lost"
@@ -494,3 +512,46 @@ def test_set_default_writes_chosen_scale(pipeline_dir, quick_classifier, tmp_pat
         assert (folder / name).is_file(), f"{name} is missing after --set_default"
     assert "from 4 to" in printed
     assert "default_guidance_scale" in (folder / "guidance_sweep" / "sweep.md").read_text()
+    # Training did not write this card (the folder has no eval_results.json), so it stays, with a warning.
+    assert (folder / "README.md").read_text() == "model card\n"
+    assert "update its recommended scale to s = " in caplog.text
+    assert "Wrote the model card" not in printed
+
+
+def recommended_scale(card: str) -> float:
+    match = re.search(r"\*\*Recommended guidance scale: s = ([-0-9.e]+) \(w = ", card)
+    assert match, "the card states no recommended guidance scale"
+    return float(match.group(1))
+
+
+def card_section(card: str, title: str) -> str:
+    start = card.index(f"\n## {title}\n")
+    end = card.find("\n## ", start + 1)
+    return card[start:] if end == -1 else card[start:end]
+
+
+def test_set_default_updates_training_card(quick_classifier, tmp_path):
+    folder = tmp_path / "cfg-digits"
+    run_main(tiny_argv(folder, "--max_train_steps", 2, "--checkpointing_steps", 100,
+                       "--guidance_scale", SAVED_DEFAULT_SCALE))  # fmt: skip
+    card_before = (folder / "README.md").read_text()
+    assert recommended_scale(card_before) == SAVED_DEFAULT_SCALE
+
+    report, printed = run_set_default_sweep(folder, "accuracy", quick_classifier, tmp_path / "cache")
+
+    chosen = report["best_accuracy"]["guidance_scale"]
+    assert chosen != SAVED_DEFAULT_SCALE
+    assert ClassConditionalPipeline.from_pretrained(folder).config.default_guidance_scale == chosen
+    card = (folder / "README.md").read_text()
+    assert recommended_scale(card) == chosen
+    assert f"guidance_scale={chosen:g}," in card, "the usage example still shows the old scale"
+    assert f"guidance_scale={SAVED_DEFAULT_SCALE:g}" not in card
+    recommended_rows = [line for line in card.splitlines() if "(recommended)" in line]
+    assert len(recommended_rows) == 1
+    assert recommended_rows[0].startswith(f"| {chosen:g} | {chosen - 1:g} |")
+    assert "Chosen by diffusers-cfg-sweep as the scale with the best class accuracy among s = 1, 3" in card
+    assert "set by --guidance_scale at training time" not in card
+    assert card_section(card, "Training") == card_section(card_before, "Training")
+    assert card_section(card, "Classes") == card_section(card_before, "Classes")
+    assert report["default_guidance_scale"]["model_card"] == str(folder / "README.md")
+    assert f"Wrote the model card {folder / 'README.md'} again with s = {chosen:g}" in printed

@@ -1,12 +1,18 @@
 """The model card: metadata, class table, guidance convention, optional sections."""
 
 import importlib.metadata
+import json
 import logging
 import re
 
 import pytest
 import yaml
-from diffusers_cfg.model_cards.model_card import STANDARD_TAGS, render_model_card, write_model_card
+from diffusers_cfg.model_cards.model_card import (
+    STANDARD_TAGS,
+    render_model_card,
+    training_card_fields,
+    write_model_card,
+)
 from huggingface_hub import ModelCard
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -227,3 +233,49 @@ def test_write_model_card_to_folder(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         write_model_card(tmp_path / "other", **full_info())
     assert "samples/grid.png" in caplog.text
+
+
+def training_report(**guidance) -> dict:
+    """A report as the training script writes eval_results.json, read back from JSON (string id2label keys)."""
+    config = {
+        "hub_model_id": "test-user/cfg-digits", "id2label": dict(enumerate(DIGIT_NAMES)), "num_classes": 10,
+        "resolution": 8, "channels": 1, "guidance_scale": 4.0, "num_inference_steps": 25,
+        "block_out_channels": [8, 16], "num_parameters": 41234, "cond_drop_prob": 0.1, "max_train_steps": 600,
+        "total_batch_size": 64, "learning_rate": 0.002, "lr_scheduler": "cosine", "lr_warmup_steps": 30,
+        "no_ema": False, "ema_max_decay": 0.9999, "ema_power": 0.75, "mixed_precision_resolved": "no",
+        "beta_schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    }  # fmt: skip
+    report = {"dataset": "builtin:digits", "num_classes": 10, "training": config, **guidance}
+    return json.loads(json.dumps(report))
+
+
+def test_training_card_from_report():
+    rows = [
+        {"guidance_scale": 1.0, "guidance_weight": 0.0, "class_accuracy": 0.74, "num_samples": 200,
+         "scheduler": "DDIMScheduler"},
+        {"guidance_scale": 4.0, "guidance_weight": 3.0, "class_accuracy": 0.98, "num_samples": 200,
+         "scheduler": "DDIMScheduler"},
+    ]  # fmt: skip
+    card = render_model_card(**training_card_fields(training_report(classifier={"test_accuracy": 0.95}, guidance=rows)),
+                             versions={})  # fmt: skip
+
+    assert "**Recommended guidance scale: s = 4 (w = 3).**\nset by --guidance_scale at training time" in card
+    assert 'ClassConditionalPipeline.from_pretrained("test-user/cfg-digits")' in card
+    assert "| 9 | nine |" in section(card, "Classes")
+    evaluation = section(card, "Evaluation")
+    assert "| 1 | 0 | 74.0% |" in evaluation
+    assert "| 4 | 3 | 98.0% |" in evaluation
+    assert "Classifier accuracy on the real test split: 95.0%" in evaluation
+    assert "Sampling: 25 steps, scheduler DDIMScheduler." in evaluation
+    training = section(card, "Training")
+    assert "| `batch size` | 64 |" in training
+    assert "| `learning rate` | 0.002 (cosine, 30 warm-up steps) |" in training
+    assert "| `noise schedule` | linear, 1000 steps, v_prediction prediction |" in training
+    assert "| `parameters` | 0.04M |" in training
+
+
+def test_training_card_without_evaluation():
+    fields = training_card_fields(training_report())
+
+    assert fields["evaluation"] is None
+    assert "## Evaluation" not in render_model_card(**fields, versions={})

@@ -31,6 +31,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffusers_cfg.model_cards.model_card import (
+    CARD_FILENAME,
+    TRAINING_REPORT_FILENAME,
+    training_card_fields,
+    write_model_card,
+)
 from diffusers_cfg.pipelines import ClassConditionalPipeline
 from diffusers_cfg.pipelines.sample import SCHEDULER_ALIASES, scheduler_class
 from diffusers_cfg.training.classifier import load_or_train_classifier
@@ -112,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "PIPELINE_DIR/guidance_sweep.")  # fmt: skip
     output.add_argument("--set_default", default="none", choices=["accuracy", "fid", "none"],
                         help="Write the scale with the best class accuracy or classifier FID of the reference "
-                             "setting into the pipeline's model_index.json as default_guidance_scale.")
+                             "setting into the pipeline's model_index.json as default_guidance_scale, and into the "
+                             "model card README.md as the recommended scale.")
     return parser.parse_args(argv)
 
 
@@ -607,6 +614,36 @@ def set_default_guidance_scale(pipeline_dir: str, guidance_scale: float) -> floa
     return previous
 
 
+def training_card_of(pipeline_dir: str) -> dict | None:
+    """Return the model card fields that training rendered the folder's README.md from, or None without them.
+
+    The fields come from the training report (eval_results.json). A folder without that report has no card or one
+    that training did not write, and rendering a new card there would overwrite the existing card's content.
+    """
+    report_path = os.path.join(pipeline_dir, TRAINING_REPORT_FILENAME)
+    if not os.path.isfile(report_path):
+        return None
+    with open(report_path, encoding="utf-8") as handle:
+        try:
+            report = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{report_path} is not valid JSON ({error}), so the model card cannot be rendered "
+                             "again. Restore the file or remove it to leave the card as it is") from error  # fmt: skip
+    if not isinstance(report, dict) or "training" not in report:
+        return None
+    return training_card_fields(report)
+
+
+def recommendation_source(key: str, choice: dict, reference_setting: dict, scales: list) -> str:
+    """Describe for the model card how the sweep chose the recommended scale."""
+    return (
+        f"Chosen by diffusers-cfg-sweep as the scale with the {RECOMMENDATION_LABELS[key]} among s = "
+        f"{', '.join(f'{scale:g}' for scale in scales)}, sampled with {reference_setting['scheduler']} in "
+        f"{reference_setting['num_inference_steps']} steps, {choice['num_samples']} images per seed, mean over "
+        f"{choice['num_seeds']} seed(s)."
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------------
@@ -682,15 +719,34 @@ def sweep(args: argparse.Namespace) -> dict:
     reference_setting = {"scheduler": args.schedulers[0], "num_inference_steps": args.num_inference_steps[0]}
     choices = recommendations(summary, **reference_setting)
 
-    # 4. Optionally make the chosen scale the pipeline's default
+    # 4. Optionally make the chosen scale the pipeline's default and the model card's recommendation
     default_change = None
     if args.set_default != "none":
         choice = choices[args.set_default]
         if choice is None:
             raise ValueError(f"--set_default {args.set_default}: every run of the reference setting failed, so no "
                              "scale was chosen. The pipeline is unchanged")  # fmt: skip
+        card_fields = training_card_of(args.pipeline_dir)
         previous = set_default_guidance_scale(args.pipeline_dir, choice["guidance_scale"])
-        default_change = {"source": args.set_default, "previous": previous, "new": choice["guidance_scale"]}
+        card_path = None
+        if card_fields is not None:
+            card_fields["guidance_scale"] = choice["guidance_scale"]
+            card_fields["guidance_scale_source"] = recommendation_source(
+                args.set_default, choice, reference_setting, scales
+            )
+            card_path = str(write_model_card(args.pipeline_dir, **card_fields))
+        elif os.path.isfile(os.path.join(args.pipeline_dir, CARD_FILENAME)):
+            logger.warning(
+                "%s still recommends its old guidance scale: the folder has no %s with the training settings to "
+                "render it from, so update its recommended scale to s = %g by hand.",
+                os.path.join(args.pipeline_dir, CARD_FILENAME), TRAINING_REPORT_FILENAME, choice["guidance_scale"],
+            )  # fmt: skip
+        default_change = {
+            "source": args.set_default,
+            "previous": previous,
+            "new": choice["guidance_scale"],
+            "model_card": card_path,
+        }
 
     # 5. Reports
     os.makedirs(output_dir, exist_ok=True)
@@ -783,6 +839,9 @@ def print_summary(report: dict, paths: dict, grid_paths: dict) -> None:
     if change is not None:
         lines.append(f"Set default_guidance_scale in {os.path.join(report['pipeline_dir'], PIPELINE_INDEX)} from "
                      f"{change['previous']:g} to {change['new']:g}")  # fmt: skip
+        if change["model_card"] is not None:
+            lines.append(f"Wrote the model card {change['model_card']} again with s = {change['new']:g} as the "
+                         "recommended scale")  # fmt: skip
     lines.append("Wrote:")
     lines += [f"  {name}: {path}" for name, path in paths.items()]
     for scale, path in grid_paths.items():

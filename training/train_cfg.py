@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusers_cfg.model_cards.model_card import write_model_card
+from diffusers_cfg.model_cards.model_card import training_card_fields, write_model_card
 from diffusers_cfg.pipelines import ClassConditionalPipeline
 from diffusers_cfg.training import checkpoints
 from diffusers_cfg.training.classifier import load_or_train_classifier
@@ -711,7 +711,7 @@ def finish(args, data, resolution, channels, mixed_precision, config):
         report.update(classifier=classifier_info, guidance=results)
     with open(os.path.join(args.output_dir, "eval_results.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
-    write_card(args, data, resolution, channels, report)
+    write_model_card(args.output_dir, **training_card_fields(report))
 
     lines = [f"Saved the pipeline to {os.path.abspath(args.output_dir)}", f"Sample grid (s = {args.guidance_scale:g}): {grid_path}"]
     if "guidance" in report:
@@ -729,52 +729,6 @@ def finish(args, data, resolution, channels, mixed_precision, config):
 
         url = push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
         print(f"Pushed to {url}", flush=True)
-
-
-def write_card(args, data, resolution, channels, report):
-    """Write the model card README.md into the output folder from the training settings and evaluation."""
-    evaluation = None
-    if "guidance" in report:
-        evaluation = {
-            "results": [
-                {"guidance_scale": row["guidance_scale"], "class_accuracy": row["class_accuracy"]}
-                for row in report["guidance"]
-            ],
-            "classifier_accuracy": report["classifier"]["test_accuracy"],
-            "num_samples": report["guidance"][0]["num_samples"],
-            "num_inference_steps": args.num_inference_steps,
-            "scheduler": report["guidance"][0]["scheduler"],
-        }
-    config = report["training"]
-    settings = {
-        "dataset": data.name,
-        "resolution": f"{resolution}x{resolution}, {channels} channel(s)",
-        "UNet block channels": config["block_out_channels"],
-        "parameters": f"{config['num_parameters'] / 1e6:.2f}M",
-        "label dropout (cond_drop_prob)": args.cond_drop_prob,
-        "optimizer steps": args.max_train_steps,
-        "batch size": args.train_batch_size * config["num_processes"] * args.gradient_accumulation_steps,
-        "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)",
-        "EMA": "off" if args.no_ema else f"max decay {args.ema_max_decay}, warm-up power {args.ema_power}",
-        "mixed precision": config["mixed_precision_resolved"],
-        "noise schedule": f"{args.beta_schedule}, {args.num_train_timesteps} steps, {args.prediction_type} prediction",
-    }
-    write_model_card(
-        args.output_dir,
-        repo_id=args.hub_model_id,
-        id2label=data.id2label,
-        num_classes=data.num_classes,
-        dataset_name=data.name,
-        resolution=resolution,
-        num_channels=channels,
-        guidance_scale=args.guidance_scale,
-        guidance_scale_source="set by --guidance_scale at training time",
-        num_inference_steps=args.num_inference_steps,
-        sample_grid="samples.png",
-        sample_grid_caption=f"One row per class, eight seeds, guidance scale s = {args.guidance_scale:g}.",
-        evaluation=evaluation,
-        training_settings=settings,
-    )
 
 
 if __name__ == "__main__":
