@@ -15,6 +15,7 @@ Symbols used in comments (Ho & Salimans 2022, "Classifier-Free Diffusion Guidanc
 
 import inspect
 import json
+import math
 import numbers
 import os
 import shutil
@@ -116,6 +117,107 @@ def _has_repeated_timesteps(scheduler, num_inference_steps: int) -> bool:
     return bool((timesteps[1:] >= timesteps[:-1]).any())
 
 
+def _describe(value) -> str:
+    """Describe a received value for an error message: its repr, cut to one short line, and its type."""
+    text = " ".join(repr(value).split())
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _is_real(value) -> bool:
+    # bool is an int subclass, but True as a number is almost always a mistake.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int, maximum: int | None = None, note: str = "") -> None:
+    """Raise TypeError unless `value` is an int, and ValueError unless it lies in [minimum, maximum]."""
+    allowed = f"an int in [{minimum}, {maximum}]" if maximum is not None else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}{note}, got {_describe(value)}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {allowed}{note}, got {value!r}")
+
+
+def _check_real(name: str, value, minimum: float, maximum: float, note: str = "") -> None:
+    """Raise TypeError unless `value` is a real number, and ValueError unless it is finite and in the range."""
+    allowed = f"a finite number in [{minimum:g}, {maximum:g}]{note}"
+    if not _is_real(value):
+        raise TypeError(f"{name} must be {allowed}, got {_describe(value)}")
+    if not (math.isfinite(value) and minimum <= value <= maximum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_bool(name: str, value, allow_none: bool = False) -> None:
+    if isinstance(value, bool) or (allow_none and value is None):
+        return
+    allowed = "True, False or None" if allow_none else "True or False"
+    raise TypeError(f"{name} must be {allowed}, got {_describe(value)}")
+
+
+def _check_generator(generator, device: torch.device) -> None:
+    """Raise TypeError or ValueError unless `generator` is None or generators that can draw noise for `device`."""
+    if generator is None:
+        return
+    allowed = "a torch.Generator, a list of them with one per image, or None"
+    for source in generator if isinstance(generator, list) else [generator]:
+        if not isinstance(source, torch.Generator):
+            entry = f" with the entry {_describe(source)}" if isinstance(generator, list) else ""
+            raise TypeError(f"generator must be {allowed}, got {_describe(generator)}{entry}")
+        # diffusers' randn_tensor draws on a CPU generator for any device, but on another accelerator not at all.
+        if not _can_draw_for(source.device, device):
+            raise ValueError(
+                f"generator is on {source.device}, but the pipeline runs on {device}; create it with "
+                f"torch.Generator(device={str(device)!r}) or on the CPU"
+            )
+
+
+def _can_draw_for(generator_device: torch.device, device: torch.device) -> bool:
+    if generator_device.type == "cpu":
+        return True
+    if generator_device.type != device.type:
+        return False
+    return None in (generator_device.index, device.index) or generator_device.index == device.index
+
+
+def _constructor_parameters(scheduler_cls: type) -> set:
+    """Return the names of the settings that `scheduler_cls.__init__` takes."""
+    parameters = inspect.signature(scheduler_cls.__init__).parameters.values()
+    return {p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _check_latents(latents) -> None:
+    """Raise TypeError or ValueError unless `latents` is a floating-point tensor of finite values with 4 dimensions."""
+    allowed = "a floating-point tensor of shape (batch_size, channels, height, width)"
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be {allowed}, got {_describe(latents)}")
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must be {allowed}, got dtype {latents.dtype}")
+    if latents.is_meta:
+        raise ValueError("latents is a tensor on the meta device, which has no data")
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be {allowed}, got shape {tuple(latents.shape)}")
+    non_finite = int((~torch.isfinite(latents)).sum())
+    if non_finite:
+        raise ValueError(f"latents must be finite, got {non_finite} NaN or infinite values of {latents.numel()}")
+
+
+def _check_guidance_interval(interval) -> None:
+    if interval is None:
+        return
+    allowed = "None or a (low, high) pair of noise levels with 0 <= low < high, where high may be inf"
+    if not isinstance(interval, Sequence) or isinstance(interval, (str, bytes)):
+        raise TypeError(f"guidance_interval must be {allowed}, got {_describe(interval)}")
+    if len(interval) != 2:
+        raise ValueError(f"guidance_interval must be {allowed}, got {len(interval)} values: {interval!r}")
+    if not all(_is_real(bound) for bound in interval):
+        raise TypeError(f"guidance_interval must be {allowed}, got {_describe(interval)}")
+    low, high = interval
+    # NaN fails every comparison, so a NaN bound fails the test below.
+    if not (math.isfinite(low) and 0 <= low < high):
+        raise ValueError(f"guidance_interval must be {allowed}, got {interval!r}")
+
+
 class ClassConditionalPipeline(DiffusionPipeline):
     r"""
     Pipeline that samples images of requested classes from a class-conditional `UNet2DModel`, with
@@ -210,21 +312,36 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """Swap in another scheduler built from the current config, keeping the noise schedule the UNet was trained on.
 
         Args:
-            scheduler (`str` or scheduler class): A class from `self.scheduler.compatibles`, or its name, such as
+            scheduler (`str` or scheduler class): One of `self.compatible_schedulers()`, or its class, such as
                 `"DPMSolverMultistepScheduler"`.
-            overrides: Settings of the new scheduler, such as `timestep_spacing="trailing"` or `use_karras_sigmas=True`.
-                The training settings (`num_train_timesteps`, the betas, `prediction_type`, `rescale_betas_zero_snr`)
-                cannot be overridden, because the UNet only works on the noise process it was trained on.
+            overrides: Settings of the new scheduler's constructor, such as `timestep_spacing="trailing"` or
+                `use_karras_sigmas=True`. The training settings (`num_train_timesteps`, the betas, `prediction_type`,
+                `rescale_betas_zero_snr`) cannot be overridden, because the UNet only works on the noise process it
+                was trained on.
 
         Returns:
             The new scheduler, which is also `self.scheduler` from now on.
+
+        Raises:
+            TypeError: for a `scheduler` that is neither a class nor a name, or an override that the scheduler's
+                constructor does not take. The message lists the settings it takes.
+            ValueError: for a scheduler not in `self.compatible_schedulers()`, an override of a training setting, or
+                an override value that the scheduler rejects.
         """
+        if isinstance(scheduler, str):
+            name = scheduler
+        elif isinstance(scheduler, type):
+            name = scheduler.__name__
+        else:
+            raise TypeError(
+                "scheduler must be a scheduler class or its name, such as 'DPMSolverMultistepScheduler'; pass "
+                f"settings as keyword arguments. Got {_describe(scheduler)}"
+            )
         compatible = {cls.__name__: cls for cls in self.scheduler.compatibles}
-        name = scheduler if isinstance(scheduler, str) else getattr(scheduler, "__name__", repr(scheduler))
         if name not in compatible:
             raise ValueError(
                 f"scheduler {name!r} is not compatible with {self.scheduler.__class__.__name__}; "
-                f"choose one of {sorted(compatible)}"
+                f"choose one of {self.compatible_schedulers()}"
             )
         fixed = sorted(key for key in overrides if key in TRAINING_SETTINGS)
         if fixed:
@@ -233,22 +350,73 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 f"(trained values: {({key: self._trained_settings.get(key) for key in fixed})}); "
                 "only sampling settings such as timestep_spacing can change"
             )
-
-        # diffusers' from_config drops the settings that the source config left at their defaults, and the new class
-        # then uses its own defaults (HeunDiscreteScheduler's beta_end is 0.012, DDPMScheduler's 0.02). So the
-        # training settings are passed explicitly.
         scheduler_cls = compatible[name]
-        accepted = set(inspect.signature(scheduler_cls.__init__).parameters)
-        pinned = {key: value for key, value in self._trained_settings.items() if key in accepted}
-        new_scheduler = scheduler_cls.from_config(self.scheduler.config, **pinned, **overrides)
-        lost = lost_training_settings(self._trained_settings, new_scheduler)
-        if lost:
-            details = ", ".join(f"{key}={trained!r} became {value!r}" for key, (trained, value) in lost.items())
+        settings = sorted(_constructor_parameters(scheduler_cls) - set(TRAINING_SETTINGS))
+        unknown = sorted(set(overrides) - set(settings))
+        if unknown:
+            raise TypeError(f"{name} has no settings {unknown}; the settings set_scheduler can change are {settings}")
+
+        try:
+            new_scheduler = self._build_scheduler(scheduler_cls, overrides)
+        except (ValueError, NotImplementedError, TypeError) as error:
+            kind = TypeError if isinstance(error, TypeError) else ValueError
+            raise kind(f"{name} rejected the settings {overrides}: {error}") from error
+        problem = self._sampling_problem(new_scheduler)
+        if problem:
             raise ValueError(
-                f"{name} cannot keep the settings the UNet was trained with: {details}; choose another scheduler"
+                f"{name} cannot sample this UNet: {problem}; choose one of {self.compatible_schedulers()}"
             )
         self.register_modules(scheduler=new_scheduler)
         return new_scheduler
+
+    def compatible_schedulers(self) -> list[str]:
+        """Return the names of the schedulers that `set_scheduler` accepts, sorted.
+
+        These are the schedulers that diffusers lists as compatible with the current one and that keep the noise
+        process the UNet was trained on. A scheduler that fails to build, for one because it needs a package that is
+        not installed, is left out.
+        """
+        names = []
+        for scheduler_cls in self.scheduler.compatibles:
+            try:
+                candidate = self._build_scheduler(scheduler_cls, {})
+            except (ImportError, ValueError, NotImplementedError):
+                continue
+            if not self._sampling_problem(candidate):
+                names.append(scheduler_cls.__name__)
+        return sorted(names)
+
+    def _build_scheduler(self, scheduler_cls: type, overrides: dict) -> SchedulerMixin:
+        """Build `scheduler_cls` from the current config, the training settings and `overrides`, and try its timesteps.
+
+        diffusers' from_config drops the settings that the source config left at their defaults, and the new class
+        then uses its own defaults (HeunDiscreteScheduler's beta_end is 0.012, DDPMScheduler's 0.02). So the training
+        settings are passed explicitly. Some override values, such as an unknown `timestep_spacing`, fail only when
+        timesteps are set, which a throwaway copy does here.
+        """
+        accepted = _constructor_parameters(scheduler_cls)
+        # Settings that the class does not take are left out, because from_config would keep them unused in the new
+        # config, where they would hide that the class cannot keep a training setting.
+        config = {key: value for key, value in self.scheduler.config.items() if key in accepted or key.startswith("_")}
+        pinned = {key: value for key, value in self._trained_settings.items() if key in accepted}
+        new_scheduler = scheduler_cls.from_config(config, **pinned, **overrides)
+        if overrides:
+            trial = scheduler_cls.from_config(new_scheduler.config)
+            trial.set_timesteps(min(50, trial.config.num_train_timesteps))
+        return new_scheduler
+
+    def _sampling_problem(self, scheduler) -> str | None:
+        """Return why `scheduler` cannot sample this UNet, or None when it can."""
+        if getattr(scheduler, "alphas_cumprod", None) is None:
+            return (
+                "it does not sample on the UNet's training noise schedule, because it has no alphas_cumprod and feeds "
+                "the UNet inputs and timesteps preconditioned for an EDM-trained model"
+            )
+        lost = lost_training_settings(self._trained_settings, scheduler)
+        if lost:
+            details = ", ".join(f"{key}={trained!r} became {value!r}" for key, (trained, value) in lost.items())
+            return f"it cannot keep the settings the UNet was trained with: {details}"
+        return None
 
     def _sampling_scheduler(self, num_inference_steps: int, clip_sample, generator, device):
         """Return a fresh copy of the scheduler for one call, with its timesteps set, and whether to clip x_0.
@@ -340,83 +508,137 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     # Inputs
 
-    def prepare_class_labels(self, class_labels, device=None) -> torch.Tensor:
-        """Turn an int, a name, a list of ints or names, or a 1-D tensor into a long tensor of shape (B,).
+    def prepare_class_labels(self, class_labels, device=None, name: str = "class_labels") -> torch.Tensor:
+        """Turn an int, a name, a list of ints or names, a 1-D tensor or NumPy array into a long tensor of shape (B,).
+
+        `name` is the argument that the labels came from, for the error messages.
 
         Raises:
-            ValueError: for a tensor that is not 1-D or contains non-integer values, a name not in `id2label`, or a
-                label outside `[0, num_classes)`. The message names the value and what is allowed.
+            TypeError: for a value of another type, such as a float, a set or a bool, or a list entry of one.
+            ValueError: for no labels, a tensor that is not 1-D or contains non-integer values, a name not in
+                `id2label`, or a label outside `[0, num_classes)`. The message names the value and what is allowed.
         """
         if isinstance(class_labels, torch.Tensor) and class_labels.ndim == 0:
             class_labels = class_labels.reshape(1)
         if isinstance(class_labels, (str, numbers.Integral)) and not isinstance(class_labels, bool):
             class_labels = [class_labels]
         elif hasattr(class_labels, "__array__") and not isinstance(class_labels, torch.Tensor):
-            class_labels = torch.as_tensor(class_labels)  # a NumPy array
+            class_labels = self._numpy_class_labels(class_labels, name)
 
         if isinstance(class_labels, torch.Tensor):
-            ids = self._tensor_class_ids(class_labels)
-        elif isinstance(class_labels, Sequence) and len(class_labels) > 0:
-            ids = [self._class_id(label) for label in class_labels]
+            ids = self._tensor_class_ids(class_labels, name)
+        elif isinstance(class_labels, Sequence) and not isinstance(class_labels, (str, bytes)):
+            ids = [self._class_id(label, name) for label in class_labels]
         else:
+            raise TypeError(
+                f"{name} must be an int, a class name, a list of them, a 1-D tensor or a NumPy array of class ids, "
+                f"got {_describe(class_labels)}"
+            )
+        if not ids:
+            unconditional = " (for unconditional samples pass class_labels=None and batch_size)"
             raise ValueError(
-                "class_labels must be an int, a class name, a non-empty list of them, or a 1-D tensor; "
-                f"got {class_labels!r}"
+                f"{name} is empty, got {_describe(class_labels)}; give at least one label"
+                + (unconditional if name == "class_labels" else "")
             )
 
         invalid = [label for label in ids if not 0 <= label < self.num_classes]
         if invalid:
             raise ValueError(
-                f"class_labels {invalid} are outside [0, {self.num_classes}); this model has {self.num_classes} classes"
+                f"{name} {invalid} are outside [0, {self.num_classes}); this model has {self.num_classes} classes"
                 f" (id {self.null_class_id} is the null label, used through guidance, not requested directly)"
             )
         return torch.tensor(ids, dtype=torch.long, device=device)
 
     @staticmethod
-    def _tensor_class_ids(class_labels: torch.Tensor) -> list[int]:
+    def _numpy_class_labels(array, name: str):
+        """Return a NumPy array's labels as a tensor of ids, or as a list of names when it contains strings."""
+        if getattr(array, "ndim", 1) > 1:
+            raise ValueError(f"{name} must be 1-D, got an array of shape {tuple(array.shape)}")
+        if getattr(getattr(array, "dtype", None), "kind", None) in ("U", "S", "O"):
+            # Strings and objects cannot become a tensor, so they go on as a list, whose strings are class names.
+            return array.reshape(-1).tolist()
+        try:
+            return torch.as_tensor(array)
+        except TypeError as error:
+            raise TypeError(f"{name} must contain integer class ids or class names, got {_describe(array)}") from error
+
+    @staticmethod
+    def _tensor_class_ids(class_labels: torch.Tensor, name: str = "class_labels") -> list[int]:
         if class_labels.is_meta:
             raise ValueError(
-                "class_labels is a tensor on the meta device, which has no data; pass a tensor with values, for "
-                "instance on the CPU"
+                f"{name} is a tensor on the meta device, which has no data; pass a tensor with values, for instance "
+                "on the CPU"
             )
         if class_labels.ndim != 1:
             raise ValueError(
-                f"class_labels must be a 1-D tensor of shape (batch_size,), got shape {tuple(class_labels.shape)}"
+                f"{name} must be a 1-D tensor of shape (batch_size,), got shape {tuple(class_labels.shape)}"
             )
         if class_labels.dtype == torch.bool or class_labels.is_complex():
-            raise ValueError(f"class_labels must contain integer class ids, got dtype {class_labels.dtype}")
+            raise TypeError(f"{name} must contain integer class ids, got dtype {class_labels.dtype}")
         if class_labels.is_floating_point():
             values = class_labels.detach().cpu().double()
             if not (torch.isfinite(values).all() and torch.equal(values, values.round())):
-                raise ValueError(f"class_labels must contain whole numbers, got {values.tolist()}")
+                raise ValueError(f"{name} must contain whole numbers, got {values.tolist()}")
         return class_labels.detach().to(device="cpu", dtype=torch.long).tolist()
 
-    def _class_id(self, label) -> int:
+    def _class_id(self, label, name: str = "class_labels") -> int:
         if isinstance(label, str):
             if label not in self.labels:
                 names = sorted(self.labels)
-                shown = ", ".join(repr(name) for name in names[:20]) + (" ..." if len(names) > 20 else "")
-                raise ValueError(f"class name {label!r} is not in id2label; known names: {shown or 'none (no id2label)'}")
+                shown = ", ".join(repr(known) for known in names[:20]) + (" ..." if len(names) > 20 else "")
+                raise ValueError(
+                    f"{name} has the class name {label!r}, which is not in id2label; known names: "
+                    f"{shown or 'none (no id2label)'}"
+                )
             return self.labels[label]
         if isinstance(label, numbers.Integral) and not isinstance(label, bool):
             return int(label)
         if isinstance(label, torch.Tensor) and label.ndim == 0 and not label.is_floating_point() and not label.is_meta:
             if label.dtype != torch.bool and not label.is_complex():
                 return int(label)
-        raise ValueError(f"class_labels entries must be ints or class names, got {label!r} ({type(label).__name__})")
+        raise TypeError(f"{name} entries must be ints or class names, got {_describe(label)}")
 
     def prepare_guidance_scale(self, guidance_scale, batch_size: int, device) -> torch.Tensor:
-        """Return guidance scales as a float tensor of shape (B,), checking count and values."""
+        """Return guidance scales as a float tensor of shape (B,), checking type, count and values.
+
+        Raises:
+            TypeError: for a value that is not a number, a list of numbers, or a real-valued tensor or array.
+            ValueError: for a count other than 1 or `batch_size`, more than one dimension, or a scale that is negative
+                or not finite.
+        """
         if guidance_scale is None:
             guidance_scale = self.config.default_guidance_scale
+        allowed = "a number, a list of numbers (one per image), a 1-D tensor or None"
+        if hasattr(guidance_scale, "__array__") and not isinstance(guidance_scale, (torch.Tensor, numbers.Real)):
+            guidance_scale = guidance_scale.tolist()  # a NumPy array: a scalar or (nested) lists of numbers
+
         if isinstance(guidance_scale, torch.Tensor):
-            guidance_scale = guidance_scale.detach().cpu()
-        scales = torch.as_tensor(guidance_scale, dtype=torch.float32).flatten()
+            if guidance_scale.is_meta:
+                raise ValueError("guidance_scale is a tensor on the meta device, which has no data")
+            if guidance_scale.dtype == torch.bool or guidance_scale.is_complex():
+                raise TypeError(f"guidance_scale must be {allowed}, got a tensor of dtype {guidance_scale.dtype}")
+            if guidance_scale.ndim > 1:
+                shape = tuple(guidance_scale.shape)
+                raise ValueError(f"guidance_scale must be {allowed}, got a tensor of shape {shape}")
+            scales = guidance_scale.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        elif _is_real(guidance_scale):
+            scales = torch.tensor([float(guidance_scale)])
+        elif isinstance(guidance_scale, Sequence) and not isinstance(guidance_scale, (str, bytes)):
+            wrong = [value for value in guidance_scale if not _is_real(value)]
+            if wrong:
+                raise TypeError(
+                    f"guidance_scale must be {allowed}, got {_describe(guidance_scale)} with the entry "
+                    f"{_describe(wrong[0])}"
+                )
+            scales = torch.tensor([float(value) for value in guidance_scale], dtype=torch.float32)
+        else:
+            raise TypeError(f"guidance_scale must be {allowed}, got {_describe(guidance_scale)}")
+
         if scales.numel() == 1:
             scales = scales.expand(batch_size)
         elif scales.numel() != batch_size:
             raise ValueError(
-                f"guidance_scale has {scales.numel()} values for {batch_size} images; give one float or one per image"
+                f"guidance_scale has {scales.numel()} values for {batch_size} images; give one number or one per image"
             )
         if not torch.isfinite(scales).all() or (scales < 0).any():
             raise ValueError(
@@ -424,50 +646,79 @@ class ClassConditionalPipeline(DiffusionPipeline):
             )
         return scales.to(device)
 
-    def check_inputs(self, num_inference_steps, output_type, generator, batch_size, guidance_rescale, guidance_interval):
+    def check_inputs(
+        self,
+        num_inference_steps,
+        generator,
+        latents,
+        guidance_rescale,
+        guidance_interval,
+        clip_sample,
+        eta,
+        batch_size,
+        output_type,
+        return_dict,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        device,
+    ):
+        """Check the scheduler and the arguments of `__call__` other than labels and scales, before any model call.
+
+        Raises:
+            TypeError: for an argument of the wrong type.
+            ValueError: for a value out of range, or a scheduler that cannot sample this UNet. Each message names the
+                argument, the value received and what is allowed.
+        """
         train_steps = self.scheduler.config.num_train_timesteps
-        if (
-            not isinstance(num_inference_steps, numbers.Integral)
-            or isinstance(num_inference_steps, bool)
-            or not 1 <= num_inference_steps <= train_steps
-        ):
-            raise ValueError(
-                f"num_inference_steps must be an int in [1, {train_steps}] (the training step count), "
-                f"got {num_inference_steps!r}"
-            )
+        _check_int("num_inference_steps", num_inference_steps, 1, train_steps, note=" (the training step count)")
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, 1)
+        _check_generator(generator, device)
+        if latents is not None:
+            _check_latents(latents)
+        _check_real("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        _check_guidance_interval(guidance_interval)
+        _check_bool("clip_sample", clip_sample, allow_none=True)
+        # DDIM's eta scales the noise of a step between none (0) and DDPM's (1). Above 1 that noise can exceed the
+        # variance left at the next timestep, and the step takes the square root of a negative number.
+        _check_real("eta", eta, 0.0, 1.0, note=" (0 is deterministic DDIM, 1 is DDPM-like)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators for a batch of {batch_size} images; "
-                "give one generator or exactly one per image"
-            )
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-        if guidance_interval is not None:
-            if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] < guidance_interval[1]:
-                raise ValueError(
-                    f"guidance_interval must be (low, high) noise levels with 0 <= low < high, got {guidance_interval}"
-                )
+        _check_bool("return_dict", return_dict)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable or None, got {_describe(callback_on_step_end)}")
+        self._check_callback_tensor_inputs(callback_on_step_end_tensor_inputs)
         self._check_scheduler()
+
+    def _check_callback_tensor_inputs(self, tensor_inputs) -> None:
+        if tensor_inputs is None:
+            return
+        # A string is a sequence too, and "latents" would otherwise read as seven one-letter names.
+        if not isinstance(tensor_inputs, (list, tuple)) or not all(isinstance(name, str) for name in tensor_inputs):
+            raise TypeError(
+                "callback_on_step_end_tensor_inputs must be a list of tensor names such as "
+                f"{self._callback_tensor_inputs}, got {_describe(tensor_inputs)}"
+            )
+        unknown_inputs = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown_inputs:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown_inputs} are not available; "
+                f"choose from {self._callback_tensor_inputs}"
+            )
 
     def _check_scheduler(self):
         """Raise a ValueError if `self.scheduler` cannot sample this UNet: another noise process, or one that fails."""
         scheduler_name = self.scheduler.__class__.__name__
-        if getattr(self.scheduler, "alphas_cumprod", None) is None:
-            raise ValueError(
-                f"{scheduler_name} does not sample on the UNet's training noise schedule: it has no alphas_cumprod and "
-                "feeds the UNet inputs and timesteps preconditioned for an EDM-trained model; use "
-                "EulerDiscreteScheduler instead (with use_karras_sigmas=True for EDM's spacing of noise levels)"
-            )
-        lost = lost_training_settings(self._trained_settings, self.scheduler)
-        if lost:
-            details = ", ".join(f"{key}={trained!r} became {value!r}" for key, (trained, value) in lost.items())
-            raise ValueError(
-                f"the scheduler {scheduler_name} does not keep the settings the UNet was trained with: {details}. "
-                "diffusers' from_config drops settings that the source config left at their defaults; swap "
-                f"schedulers with pipe.set_scheduler({scheduler_name!r}), which keeps them"
-            )
+        problem = self._sampling_problem(self.scheduler)
+        if problem is not None:
+            if getattr(self.scheduler, "alphas_cumprod", None) is None:
+                advice = "use EulerDiscreteScheduler (with use_karras_sigmas=True for EDM's spacing of noise levels)"
+            else:
+                advice = (
+                    "diffusers' from_config drops settings that the source config left at their defaults; swap "
+                    f"schedulers with pipe.set_scheduler({scheduler_name!r}), which keeps them"
+                )
+            raise ValueError(f"the scheduler {scheduler_name} cannot sample this UNet: {problem}; {advice}")
         config = self.scheduler.config
         if config.get("rescale_betas_zero_snr", False) and config.get("prediction_type") == "epsilon":
             raise ValueError(
@@ -503,6 +754,40 @@ class ClassConditionalPipeline(DiffusionPipeline):
             guided = torch.where(scale == 0, guided, rescaled)
         return guided
 
+    def _run_callback(self, callback, tensor_inputs, step_index: int, timestep, latents) -> torch.Tensor:
+        """Call `callback_on_step_end` and return the latents it returns, or `latents` when it returns none."""
+        available = {"latents": latents}
+        outputs = callback(self, step_index, timestep, {name: available[name] for name in tensor_inputs})
+        if outputs is None:
+            return latents
+
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                f"callback_on_step_end must return a dict of tensors or None, got {_describe(outputs)} at step "
+                f"{step_index}"
+            )
+        unused = sorted(set(outputs) - set(self._callback_tensor_inputs))
+        if unused:
+            raise ValueError(
+                f"callback_on_step_end returned {unused} at step {step_index}, which the pipeline does not use; it "
+                f"may return only {self._callback_tensor_inputs}"
+            )
+
+        new_latents = outputs.get("latents", latents)
+        if not isinstance(new_latents, torch.Tensor):
+            raise TypeError(
+                f"callback_on_step_end returned latents {_describe(new_latents)} at step {step_index}; they must be a "
+                "tensor"
+            )
+        if new_latents.shape != latents.shape:
+            raise ValueError(
+                f"callback_on_step_end returned latents of shape {tuple(new_latents.shape)} at step {step_index}; "
+                f"they must keep the shape {tuple(latents.shape)}"
+            )
+        if not torch.isfinite(new_latents).all():
+            raise FloatingPointError(f"callback_on_step_end returned non-finite latents at step {step_index}")
+        return new_latents.to(device=latents.device, dtype=latents.dtype)
+
     def _unet_forward(self, model_input, timestep, labels) -> torch.Tensor:
         timesteps = timestep.expand(model_input.shape[0]) if timestep.ndim == 0 else timestep
         return self.unet(model_input.to(self.unet.dtype), timesteps, class_labels=labels).sample.float()
@@ -531,44 +816,51 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         Args:
             class_labels (`int`, `str`, `list[int | str]` or `torch.Tensor`, *optional*):
-                The class of each image: ids in `[0, num_classes)`, names from `id2label`, or a 1-D tensor of ids
-                (a float tensor must contain whole numbers). With `None`, the images are unconditional samples (the null
-                label) and `batch_size` sets their count.
+                The class of each image: ids in `[0, num_classes)`, names from `id2label`, or a 1-D tensor or NumPy
+                array of ids (a float tensor must contain whole numbers) or of names. With `None`, the images are
+                unconditional samples (the null label) and `batch_size` sets their count.
             guidance_scale (`float`, `list[float]` or `torch.Tensor`, *optional*, defaults to `None`):
                 The scale s in eps = eps_null + s * (eps_label - eps_null), one value or one per image; the weight w of
                 Ho & Salimans is s - 1. s = 0 samples unconditionally, s = 1 conditionally (one model pass each), s > 1
                 strengthens the class at the cost of variety. `None` uses `pipe.config.default_guidance_scale`.
+                Without `class_labels` it has no effect.
             num_inference_steps (`int`, *optional*, defaults to 50):
                 Number of denoising steps, from 1 to the scheduler's `num_train_timesteps`.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Random source. With a list of one generator per image, image i depends only on generator i.
+                Random source, on the CPU or on the pipeline's device. With a list of one generator per image, image i
+                depends only on generator i.
             latents (`torch.Tensor`, *optional*):
-                Starting noise of shape (B, C, H, W) with unit variance; it is scaled by `init_noise_sigma`.
+                Finite floating-point starting noise of shape (B, C, H, W) with unit variance; it is scaled by
+                `init_noise_sigma`.
             negative_class_labels (same forms as `class_labels`, *optional*):
                 Classes to steer away from: they replace the null label in the guidance formula.
             guidance_rescale (`float`, *optional*, defaults to 0.0):
                 Share in [0, 1] of the rescaling of Lin et al. (2023), which pulls the guided prediction's standard
                 deviation back toward the conditional one. Images at s = 0 are not rescaled.
             guidance_interval (`tuple[float, float]`, *optional*):
-                Noise levels (low, high) in sigma = sqrt((1 - a_t) / a_t) units. Guidance applies only where low < sigma
-                <= high (Kynkäänniemi et al. 2024). Elsewhere s = 1 applies, except to images at s = 0, and one pass of
-                B rows replaces the pass of 2B, which saves model calls.
+                Noise levels (low, high) in sigma = sqrt((1 - a_t) / a_t) units, 0 <= low < high, where high may be
+                `float("inf")`. Guidance applies only where low < sigma <= high (Kynkäänniemi et al. 2024).
+                Elsewhere s = 1 applies, except to images at s = 0, and one pass of B rows replaces the pass of 2B,
+                which saves model calls.
             clip_sample (`bool`, *optional*):
                 Clip the x_0 estimate to the scheduler's `clip_sample_range` (or threshold it, when the scheduler
                 config asks for `thresholding`) consistently with the model output. `None` follows the scheduler
                 config's `clip_sample` and `thresholding`.
             eta (`float`, *optional*, defaults to 0.0):
-                Passed to schedulers whose `step` takes it (DDIM: 0 is deterministic, 1 is DDPM-like).
+                In [0, 1]. Passed to schedulers whose `step` takes it (DDIM: 0 is deterministic, 1 is DDPM-like);
+                others log a warning when it is not 0.
             batch_size (`int`, *optional*):
-                Number of images when `class_labels` is `None`; otherwise it must match the number of labels.
+                Number of images, at least 1, when `class_labels` is `None`; otherwise it must match the number of
+                labels.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"` (mode "L" for one channel, "RGB" for three), `"np"` (float array B x H x W x C in [0, 1]) or
                 `"pt"` (float tensor B x C x H x W in [0, 1]).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*):
-                Called after each step as `callback(pipe, step_index, timestep, callback_kwargs)`; it may return a
-                dict that replaces tensors named in `callback_on_step_end_tensor_inputs`.
+                Called after each step as `callback(pipe, step_index, timestep, callback_kwargs)`; it may return
+                `None` or a dict that replaces tensors named in `callback_on_step_end_tensor_inputs`, with finite
+                values of the same shape.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
                 Tensors passed to the callback in `callback_kwargs`; `None` passes `["latents"]`, the only one offered.
 
@@ -585,16 +877,35 @@ class ClassConditionalPipeline(DiffusionPipeline):
             ```
 
         Raises:
-            ValueError: for invalid labels, scales, step counts or output types, and for a scheduler that cannot sample
-                this UNet, before the first UNet call.
-            FloatingPointError: when the UNet output or the sample stops being finite, naming the step.
+            TypeError: for an argument of the wrong type, such as `batch_size=2.0` or `generator=5`, before the first
+                UNet call.
+            ValueError: for a value out of range, such as an empty label list, `eta=float("nan")` or a count that does
+                not match the batch, and for a scheduler that cannot sample this UNet, before the first UNet call.
+                Each message names the argument, the value received and what is allowed.
+            FloatingPointError: when the UNet output, the sample or the latents a callback returns stop being finite,
+                naming the step.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the images, or a one-element tuple of them when `return_dict=False`.
         """
         device = self._execution_device
 
-        # 1. Labels, scales and checks
+        # 1. Checks, labels and scales, all before the first UNet call
+        self.check_inputs(
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            latents=latents,
+            guidance_rescale=guidance_rescale,
+            guidance_interval=guidance_interval,
+            clip_sample=clip_sample,
+            eta=eta,
+            batch_size=batch_size,
+            output_type=output_type,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            device=device,
+        )
         if class_labels is None:
             if negative_class_labels is not None:
                 raise ValueError(
@@ -603,6 +914,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 )
             if batch_size is None:
                 batch_size = len(latents) if latents is not None else 1
+            if guidance_scale is not None:
+                self.prepare_guidance_scale(guidance_scale, batch_size, device)
+                logger.warning(f"guidance_scale={guidance_scale!r} has no effect without class_labels: unconditional "
+                               "samples use the null label alone")  # fmt: skip
             labels = torch.full((batch_size,), self.null_class_id, dtype=torch.long, device=device)
             scales = torch.zeros(batch_size, device=device)
         else:
@@ -614,19 +929,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if negative_class_labels is None:
             uncond_labels = torch.full_like(labels, self.null_class_id)
         else:
-            uncond_labels = self.prepare_class_labels(negative_class_labels, device)
+            uncond_labels = self.prepare_class_labels(negative_class_labels, device, name="negative_class_labels")
             if len(uncond_labels) != batch_size:
                 raise ValueError(
                     f"negative_class_labels has {len(uncond_labels)} labels for {batch_size} images; give one per image"
                 )
-        self.check_inputs(num_inference_steps, output_type, generator, batch_size, guidance_rescale, guidance_interval)
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        unknown_inputs = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown_inputs:
+        if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"callback_on_step_end_tensor_inputs {unknown_inputs} are not available; "
-                f"choose from {self._callback_tensor_inputs}"
+                f"generator is a list of {len(generator)} generators for a batch of {batch_size} images; "
+                "give one generator or exactly one per image"
             )
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
 
         # At s = 0 the guided prediction is the unconditional (or negative-label) one alone, and at s = 1 the
         # conditional one alone: when every image has one of these, one pass of B rows gives them all. Any other
@@ -652,6 +965,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             step_kwargs["generator"] = generator
         if "eta" in step_parameters:
             step_kwargs["eta"] = eta
+        elif eta != 0:
+            logger.warning(f"eta={eta!r} has no effect: the step of {scheduler.__class__.__name__} takes no eta")
         prediction_type = scheduler.config.get("prediction_type", "epsilon")
 
         # 3. Denoising loop
@@ -683,10 +998,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 )
 
             if callback_on_step_end is not None:
-                available = {"latents": latents}
-                callback_kwargs = {name: available[name] for name in tensor_inputs}
-                callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs) or {}
-                latents = callback_outputs.get("latents", latents)
+                latents = self._run_callback(callback_on_step_end, tensor_inputs, step_index, t, latents)
 
         # 4. Images in [0, 1]
         images = (latents / 2 + 0.5).clamp(0, 1)

@@ -103,7 +103,7 @@ def test_scheduler_trained_settings_sample_any_step_count(name):
     scheduler_class(name)
     pipe = tiny_pipeline(num_train_timesteps=TRAIN_STEPS)
     if name in REJECTED:
-        with pytest.raises(ValueError, match="cannot keep the settings the UNet was trained with"):
+        with pytest.raises(ValueError, match=REJECTED[name]):
             pipe.set_scheduler(name)
         return
     pipe.set_scheduler(name)
@@ -123,10 +123,11 @@ def test_too_many_steps_is_the_same_error(name):
     assert recorder.calls == []
 
 
-@pytest.mark.parametrize("steps", [0, -1, 2.5, True, "4"])
-def test_invalid_step_count_is_rejected(steps):
+@pytest.mark.parametrize(("steps", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError),
+                                              ("4", TypeError)])  # fmt: skip
+def test_invalid_step_count_is_rejected(steps, error):
     pipe = tiny_pipeline()
-    with pytest.raises(ValueError, match=r"num_inference_steps must be an int in \[1, 100\]"):
+    with pytest.raises(error, match=r"num_inference_steps must be an int in \[1, 100\]"):
         pipe([0], num_inference_steps=steps)
 
 
