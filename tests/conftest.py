@@ -4,9 +4,11 @@
 # Hub server: a Hub-compatible HTTP server of the project's own, with the real clients pointed at it.
 # ---------------------------------------------------------------------------------------------------------------------
 
+import contextlib
 import dataclasses
 import socket
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ class HubEndpoint:
     url: str  # the value of HF_ENDPOINT
     token: str  # a token with write access to the namespace `user`
     user: str
-    server: HubServer
+    server: HubServer | None  # None for a server that the test started itself, such as a third-party one
     home: Path  # the value of HF_HOME: caches, downloaded modules and token files live here
 
     def env(self) -> dict[str, str]:
@@ -150,6 +152,28 @@ def _block_other_hosts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return attempts
 
 
+@contextlib.contextmanager
+def _clients_pointed_at(monkeypatch: pytest.MonkeyPatch, endpoint: HubEndpoint) -> Iterator[list[str]]:
+    """Point the clients at `endpoint` and block other hosts, for the time of the block; yield the blocked lookups.
+
+    On exit, closes the clients' HTTP sessions and unloads the remote-code modules that diffusers imported, so that
+    the next test downloads afresh. monkeypatch restores the patched settings later, at its own teardown.
+    """
+    modules_before = {name for name in sys.modules if name.startswith("diffusers_modules")}
+    try:
+        _point_clients_at(monkeypatch, endpoint)
+        yield _block_other_hosts(monkeypatch)
+    finally:
+        import huggingface_hub
+        from huggingface_hub import HfFileSystem
+
+        huggingface_hub.close_session()
+        HfFileSystem.clear_instance_cache()
+        for name in [name for name in sys.modules if name.startswith("diffusers_modules")]:
+            if name not in modules_before:
+                del sys.modules[name]
+
+
 @pytest.fixture
 def hub_server(tmp_path, monkeypatch):
     """Start a Hub-compatible server on 127.0.0.1 and point huggingface_hub, diffusers and datasets at it.
@@ -160,25 +184,35 @@ def hub_server(tmp_path, monkeypatch):
     server = HubServer(tokens={HUB_TEST_TOKEN: HUB_TEST_USER}, storage_dir=tmp_path / "hub-storage")
     server.start()
     endpoint = HubEndpoint(server.url, HUB_TEST_TOKEN, HUB_TEST_USER, server, tmp_path / "hf-home")
-    modules_before = {name for name in sys.modules if name.startswith("diffusers_modules")}
-    blocked_lookups: list[str] = []
     try:
-        _point_clients_at(monkeypatch, endpoint)
-        blocked_lookups = _block_other_hosts(monkeypatch)
-        yield endpoint
+        with _clients_pointed_at(monkeypatch, endpoint) as blocked_lookups:
+            yield endpoint
     finally:
-        import huggingface_hub
-        from huggingface_hub import HfFileSystem
-
-        huggingface_hub.close_session()
-        HfFileSystem.clear_instance_cache()
-        for name in [name for name in sys.modules if name.startswith("diffusers_modules")]:
-            if name not in modules_before:
-                del sys.modules[name]
         server.stop()
 
     assert not server.errors, "The Hub server raised while handling requests:\n" + "\n".join(server.errors)
     assert not server.unknown_routes, f"The Hub server has no route for: {server.unknown_routes}"
+    assert not blocked_lookups, f"A client tried to reach hosts other than 127.0.0.1: {blocked_lookups}"
+
+
+@pytest.fixture
+def hub_clients(tmp_path, monkeypatch) -> Iterator[Callable[[str], HubEndpoint]]:
+    """Return a function that points the clients at a Hub-compatible server on 127.0.0.1 by its URL.
+
+    For servers that the test starts itself: the function returns a `HubEndpoint` with `.server` None and a fresh
+    `HF_HOME`. After the test, the fixture fails it if a client looked up a host other than loopback.
+    """
+    blocked_per_call: list[list[str]] = []
+    with contextlib.ExitStack() as stack:
+
+        def point_clients_at(url: str) -> HubEndpoint:
+            endpoint = HubEndpoint(url, HUB_TEST_TOKEN, HUB_TEST_USER, None, tmp_path / "hf-home")
+            blocked_per_call.append(stack.enter_context(_clients_pointed_at(monkeypatch, endpoint)))
+            return endpoint
+
+        yield point_clients_at
+
+    blocked_lookups = [host for blocked in blocked_per_call for host in blocked]
     assert not blocked_lookups, f"A client tried to reach hosts other than 127.0.0.1: {blocked_lookups}"
 
 
