@@ -2,10 +2,13 @@
 errors for datasets without a label column or with labels outside the declared classes."""
 
 import argparse
+import io
 import logging
 import pickle
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from accelerate import Accelerator
@@ -179,3 +182,61 @@ def test_classes_without_examples_warn(tmp_path, caplog):
     assert data.num_classes == 4
     assert "['1', '2']" in caplog.text
     assert "no training examples" in caplog.text
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_struct_parquet(path, images: list, path_type: pa.DataType | None = None, column: str = "image") -> str:
+    """Write images the way pandas and pyarrow store them: a plain struct {bytes, path}, without the datasets
+    metadata that marks the column as an Image feature. The path field is a string unless `path_type` says else."""
+    struct = pa.struct([("bytes", pa.binary()), ("path", path_type or pa.string())])
+    entries = [{"bytes": data, "path": None} for data in images]
+    table = pa.table({column: pa.array(entries, type=struct), "label": pa.array([i % 2 for i in range(len(images))])})
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("path_type", [pa.string(), pa.null()], ids=["string-path", "null-path"])
+def test_parquet_image_struct_is_cast(tmp_path, path_type):
+    # A null path type is what pandas writes when every path is None.
+    images = [png_bytes(gray_image(40 * i)) for i in range(4)]
+    path = write_struct_parquet(tmp_path / "struct.parquet", images, path_type)
+    assert b"huggingface" not in (pq.read_schema(path).metadata or {}), "the file must lack the datasets schema"
+
+    data = load_labeled_images(path)
+
+    assert data.image_column == "image"
+    assert isinstance(data.splits["train"].features["image"], ImageFeature)
+    assert detect_image_format(data) == (8, 1)
+    batch = collate_examples([transformed_split(data, "train", 8, 1)[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 1, 8, 8)
+    expected = torch.tensor([40.0 * i / 127.5 - 1.0 for i in range(4)])
+    torch.testing.assert_close(batch["pixel_values"][:, 0, 0, 0], expected)
+    assert batch["class_labels"].tolist() == [0, 1, 0, 1]
+
+
+def test_parquet_image_struct_found_by_type(tmp_path):
+    images = [png_bytes(rgb_image(40 * i)) for i in range(2)]
+    path = write_struct_parquet(tmp_path / "photos.parquet", images, column="photo")
+    data = load_labeled_images(path)
+    assert data.image_column == "photo"
+    assert detect_image_format(data) == (8, 3)
+
+
+def test_parquet_struct_without_images_is_named(tmp_path):
+    path = write_struct_parquet(tmp_path / "noise.parquet", [b"not an image", b"\x00\x01"])
+    with pytest.raises(ValueError, match="column 'image' of .* has a bytes field, but its first entry is not an"):
+        load_labeled_images(path)
+
+
+def test_struct_without_bytes_is_rejected(tmp_path):
+    table = pa.table({"image": pa.array([{"path": "a.png"}, {"path": "b.png"}]), "label": pa.array([0, 1])})
+    path = str(tmp_path / "paths.parquet")
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=r"no image column \(an Image feature or a struct with a bytes") as error:
+        load_labeled_images(path)
+    assert "image (struct of path)" in str(error.value)

@@ -128,11 +128,93 @@ def test_finished_run_resumes_without_training(reference, tmp_path, caplog):
 
     run_main(tiny_argv(output_dir, *RESUME_FLAGS, "--resume_from_checkpoint", "latest"))
 
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any(f"Training is already complete at step {MAX_STEPS}" in message for message in warnings), warnings
     assert "nothing left to train" in caplog.text
     assert not differences(read_checkpoint(checkpoint(output_dir, MAX_STEPS)), before)
     assert not (output_dir / "checkpoints" / f"checkpoint-{MAX_STEPS + 1}").exists()
     saved = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert not differences(saved, load_file(reference / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def folder_snapshot(folder) -> dict:
+    """Map every file under `folder` to its size, modification time and SHA-256 digest."""
+    snapshot = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            snapshot[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns, checkpoints._sha256(path))
+    return snapshot
+
+
+def fail_build_data(*args):
+    raise AssertionError("the data were loaded before the checkpoint was rejected")
+
+
+def test_resume_past_max_steps_fails_first(reference, tmp_path, monkeypatch):
+    output_dir = tmp_path / "past"
+    fill_checkpoints(output_dir, reference, (4, 8, 12))
+    before = folder_snapshot(output_dir)
+    monkeypatch.setattr(train_cfg, "build_data", fail_build_data)
+
+    with pytest.raises(ValueError) as error:
+        run_main(tiny_argv(output_dir, *RESUME_FLAGS, "--max_train_steps", 10, "--resume_from_checkpoint", "latest"))
+
+    message = str(error.value)
+    assert "--max_train_steps 10 is below step 12 of" in message
+    assert "checkpoint-12" in message
+    assert "Give --max_train_steps 12 or more" in message
+    assert "checkpoint-4, checkpoint-8)" in message
+    assert folder_snapshot(output_dir) == before
+
+
+def test_resume_with_other_model_fails_first(reference, tmp_path):
+    output_dir = tmp_path / "reshaped"
+    shutil.copytree(reference, output_dir)
+    before = folder_snapshot(output_dir)
+
+    with pytest.raises(ValueError) as error:
+        run_main(tiny_argv(output_dir, *RESUME_FLAGS, "--block_out_channels", 8, 32, "--prediction_type", "epsilon",
+                           "--resume_from_checkpoint", "latest"))  # fmt: skip
+
+    message = str(error.value)
+    assert f"cannot resume from {checkpoint(output_dir, MAX_STEPS)}" in message
+    assert "block_out_channels (--block_out_channels): checkpoint [8, 16], this run [8, 32]" in message
+    assert "prediction_type (--prediction_type): checkpoint 'v_prediction', this run 'epsilon'" in message
+    assert "layers_per_block" not in message
+    assert checkpoints.SETTINGS_FILE in message
+    assert folder_snapshot(output_dir) == before
+
+
+def test_resume_checks_old_checkpoints_too(reference, tmp_path):
+    # Checkpoints written before they recorded their settings: the output folder's training_config.json describes them.
+    output_dir = tmp_path / "old"
+    shutil.copytree(reference, output_dir)
+    for folder in (output_dir / "checkpoints").iterdir():
+        (folder / checkpoints.SETTINGS_FILE).unlink()
+        state_path = folder / checkpoints.STATE_FILE
+        state = json.loads(state_path.read_text())
+        del state["files"][checkpoints.SETTINGS_FILE]
+        state_path.write_text(json.dumps(state))
+    before = folder_snapshot(output_dir)
+
+    with pytest.raises(ValueError) as error:
+        run_main(tiny_argv(output_dir, *RESUME_FLAGS, "--layers_per_block", 2, "--attention_levels", 1,
+                           "--resume_from_checkpoint", "latest"))  # fmt: skip
+
+    message = str(error.value)
+    assert "layers_per_block (--layers_per_block): checkpoint 1, this run 2" in message
+    assert "attention_levels (--attention_levels): checkpoint [], this run [1]" in message
+    assert str(output_dir / train_cfg.CONFIG_FILE) in message
+    assert folder_snapshot(output_dir) == before
+
+
+def test_checkpoints_record_resume_settings(reference):
+    settings = checkpoints.read_settings(checkpoint(reference, 2))
+    config = json.loads((reference / train_cfg.CONFIG_FILE).read_text())
+    assert settings == train_cfg.resume_settings(config)
+    assert set(settings) == set(train_cfg.RESUME_SETTINGS)
+    assert settings["block_out_channels"] == [8, 16]
 
 
 def test_saved_pipeline_holds_ema_weights(reference):
@@ -285,9 +367,6 @@ def test_resume_targets(tmp_path, caplog):
 
 
 def test_missing_resume_path_fails_before_loading_data(tmp_path, monkeypatch):
-    def fail_build_data(*args):
-        raise AssertionError("the data were loaded before the missing checkpoint was reported")
-
     monkeypatch.setattr(train_cfg, "build_data", fail_build_data)
     with pytest.raises(FileNotFoundError, match="no-such-checkpoint"):
         run_main(tiny_argv(tmp_path, "--resume_from_checkpoint", tmp_path / "no-such-checkpoint"))

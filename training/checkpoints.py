@@ -2,8 +2,9 @@
 
 A checkpoint is the folder `output_dir/checkpoints/checkpoint-<step>`, where <step> counts optimizer steps. It contains
 accelerate's state (model, optimizer, learning-rate schedule, random states, the objects registered for
-checkpointing such as the EMA weights, and whatever the accelerator's save hooks write) and `train_state.json`, which
-records the step and the size and SHA-256 digest of every other file.
+checkpointing such as the EMA weights, and whatever the accelerator's save hooks write), `training_settings.json`
+with the settings a resumed run must share (see `record_settings`), and `train_state.json`, which records the step and
+the size and SHA-256 digest of every other file.
 
 The folder is written as `.partial-checkpoint-<step>` and renamed into place only when complete, so a run killed at
 any moment leaves either a complete checkpoint or none under the final name. Resuming checks every file against
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_FOLDER = "checkpoints"
 STATE_FILE = "train_state.json"
+SETTINGS_FILE = "training_settings.json"
 PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -289,8 +291,38 @@ def load(accelerator, output_dir: str, path: str | None) -> int:
     accelerator.wait_for_everyone()
     if path is None:
         return 0
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
-        step = int(json.load(handle)["global_step"])
+    step = step_of(path)
     accelerator.load_state(path)
     logger.info("Resumed from %s at step %d", path, step)
     return step
+
+
+def step_of(path: str) -> int:
+    """Return the optimizer step that checkpoint `path` records in its `train_state.json`."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        return int(json.load(handle)["global_step"])
+
+
+def record_settings(accelerator, settings: dict) -> None:
+    """Write `settings` into every checkpoint that `accelerator` saves from now on, as `training_settings.json`.
+
+    A resumed run reads them back with `read_settings` and compares them with its own before loading anything. Only
+    the main process writes the file. The file is written before `train_state.json`, which then covers it.
+    """
+
+    def write(models, weights, folder):
+        if accelerator.is_main_process:
+            with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as handle:
+                json.dump(settings, handle, indent=1, sort_keys=True)
+
+    accelerator.register_save_state_pre_hook(write)
+
+
+def read_settings(path: str) -> dict | None:
+    """Return the settings recorded in checkpoint `path`, or None when it has none (checkpoints written before
+    `record_settings` existed)."""
+    settings_path = os.path.join(path, SETTINGS_FILE)
+    if not os.path.isfile(settings_path):
+        return None
+    with open(settings_path, encoding="utf-8") as handle:
+        return json.load(handle)

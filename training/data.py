@@ -139,7 +139,35 @@ def _describe_feature(feature) -> str:
         return f"ClassLabel({feature.num_classes} classes)"
     if isinstance(feature, Value):
         return feature.dtype
+    if isinstance(feature, dict):
+        return f"struct of {', '.join(feature)}"
     return type(feature).__name__
+
+
+def is_encoded_image_struct(feature) -> bool:
+    """Return whether `feature` is a struct with a binary `bytes` field, as pandas or pyarrow write images.
+
+    Such a parquet file lacks the metadata that marks the column as a datasets `Image`, which the column is cast to.
+    """
+    if not isinstance(feature, dict) or "bytes" not in feature:
+        return False
+    field = feature["bytes"]
+    return isinstance(field, Value) and field.dtype in ("binary", "large_binary")
+
+
+def _cast_to_image(splits: DatasetDict, column: str, dataset_name: str) -> DatasetDict:
+    """Cast a struct column of encoded images to `Image` in every split, and check that its first image decodes."""
+    cast = DatasetDict()
+    for name, split in splits.items():
+        cast[name] = split.cast_column(column, Image()) if column in split.column_names else split
+    try:
+        cast["train"][0][column].load()
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"column {column!r} of {dataset_name!r} has a bytes field, but its first entry is not an image PIL can "
+            f"read ({error}); give the image column with --image_column"
+        ) from error
+    return cast
 
 
 def _pick_column(features, requested: str | None, candidates, kind: str, flag: str, accept, expected: str) -> str:
@@ -183,9 +211,11 @@ def load_labeled_images(
         IMAGE_COLUMN_CANDIDATES,
         "image",
         "--image_column",
-        lambda f: isinstance(f, Image),
-        "an Image feature",
+        lambda f: isinstance(f, Image) or is_encoded_image_struct(f),
+        "an Image feature or a struct with a bytes field of encoded images",
     )
+    if not isinstance(features[image_column], Image):
+        splits = _cast_to_image(splits, image_column, dataset_name)
     label_column = _pick_column(
         features,
         label_column,

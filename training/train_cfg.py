@@ -612,6 +612,85 @@ def resolved_config(args, accelerator, data, unet, mixed_precision, resolution, 
     }
 
 
+# Settings that fix the shape of the UNet's weights, the noise process they learned, and whether checkpoints contain
+# EMA weights, each with where it comes from. A run resumes only from a checkpoint saved with the same values.
+RESUME_SETTINGS = {
+    "resolution": "--resolution",
+    "channels": "--num_channels",
+    "num_classes": "the dataset's classes",
+    "block_out_channels": "--block_out_channels",
+    "layers_per_block": "--layers_per_block",
+    "attention_levels": "--attention_levels",
+    "num_train_timesteps": "--num_train_timesteps",
+    "beta_schedule": "--beta_schedule",
+    "prediction_type": "--prediction_type",
+    "no_ema": "--no_ema",
+}
+
+
+def resume_settings(config: dict) -> dict:
+    """Return the entries of RESUME_SETTINGS in a resolved configuration, as JSON stores them."""
+    settings = {key: config[key] for key in RESUME_SETTINGS if key in config}
+    if "attention_levels" in settings:
+        # build_unet reads the levels as a set, so "1 0" builds the same UNet as "0 1".
+        settings["attention_levels"] = sorted(set(settings["attention_levels"]))
+    return json.loads(json.dumps(settings))
+
+
+def check_resume_settings(resume_path: str, config: dict) -> None:
+    """Raise a ValueError naming every setting of RESUME_SETTINGS in which this run differs from its checkpoint.
+
+    The checkpoint's own `training_settings.json` is compared. For a checkpoint without one, the training_config.json
+    of the output folder that contains it is compared instead.
+    """
+    saved = checkpoints.read_settings(resume_path)
+    source = os.path.join(resume_path, checkpoints.SETTINGS_FILE)
+    if saved is None:
+        source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(resume_path))), CONFIG_FILE)
+        if not os.path.isfile(source):
+            logger.warning(f"{resume_path} records no training settings and {source} does not exist, so the run "
+                           "resumes without checking that its model matches the checkpoint")  # fmt: skip
+            return
+        with open(source, encoding="utf-8") as handle:
+            saved = json.load(handle)
+
+    saved, current = resume_settings(saved), resume_settings(config)
+    differing = [key for key in current if key in saved and saved[key] != current[key]]
+    if differing:
+        details = "; ".join(
+            f"{key} ({RESUME_SETTINGS[key]}): checkpoint {saved[key]!r}, this run {current[key]!r}"
+            for key in differing
+        )
+        raise ValueError(
+            f"cannot resume from {resume_path}, because this run's model differs from the checkpoint's in {details} "
+            f"(checkpoint settings read from {source}). Give the checkpoint's values, or a new --output_dir to start "
+            "another run"
+        )
+
+
+def check_resume_step(resume_path: str, max_train_steps: int, output_dir: str) -> None:
+    """Raise a ValueError when the checkpoint is past --max_train_steps, and warn when it is exactly there.
+
+    A checkpoint at --max_train_steps is also what a run leaves when it is killed after its last checkpoint, before the
+    pipeline is saved, so resuming it saves the pipeline without training. A checkpoint past --max_train_steps cannot
+    give a model of that many steps, and the saved pipeline and its model card would report fewer steps than the
+    weights had.
+    """
+    step = checkpoints.step_of(resume_path)
+    if step > max_train_steps:
+        earlier = [os.path.basename(path) for path in checkpoints.complete_checkpoints(output_dir)
+                   if checkpoints.step_of(path) <= max_train_steps]  # fmt: skip
+        raise ValueError(
+            f"--max_train_steps {max_train_steps} is below step {step} of {resume_path}, and training cannot go back. "
+            f"Give --max_train_steps {step} or more, or resume from a checkpoint at step {max_train_steps} or earlier "
+            f"(in {output_dir}: {', '.join(earlier) or 'none'})"
+        )
+    if step == max_train_steps:
+        logger.warning(f"Training is already complete at step {step}: {resume_path} is at --max_train_steps, so "
+                       "nothing is left to train. The pipeline is saved from this checkpoint; give a larger "
+                       "--max_train_steps to train longer")  # fmt: skip
+
+
 def main(argv=None):
     args = parse_args(argv)
     # accelerate's logger fails until its state exists, and resolving the precision may log a warning.
@@ -622,6 +701,8 @@ def main(argv=None):
     set_seed(args.seed)
     use_all_cpu_cores(accelerator)
     resume_path = checkpoints.select(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        check_resume_step(resume_path, args.max_train_steps, args.output_dir)
 
     # 1. Data, model and the resolved configuration
     data, loader, resolution, channels = build_data(args, accelerator)
@@ -629,15 +710,13 @@ def main(argv=None):
                       tuple(args.attention_levels))  # fmt: skip
     noise_scheduler = build_noise_scheduler(args.num_train_timesteps, args.beta_schedule, args.prediction_type)
     config = resolved_config(args, accelerator, data, unet, mixed_precision, resolution, channels, resume_path)
+    if resume_path is not None:
+        check_resume_settings(resume_path, config)
     if args.dry_run:
         accelerator.print(json.dumps(config, indent=2))
         accelerator.print(f"UNet2DModel: {config['num_parameters']:,} parameters, "
                           f"{config['model_size_mib_fp32']:.2f} MiB in fp32")  # fmt: skip
         return config
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as handle:
-            json.dump(config, handle, indent=2)
 
     # 2. Optimizer, EMA, and the state that checkpoints carry
     ema = None
@@ -656,6 +735,7 @@ def main(argv=None):
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     generator = TrainingGenerator(args.seed, accelerator.process_index, accelerator.device)
     generator.register_for_checkpointing(accelerator)
+    checkpoints.record_settings(accelerator, resume_settings(config))
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -667,6 +747,11 @@ def main(argv=None):
     global_step = checkpoints.load(accelerator, args.output_dir, resume_path)
     if ema is not None:
         ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
+    # Written only now, so that a resume that fails leaves the previous run's file in place.
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
     run = TrainingRun(args, accelerator, data, unet, ema, optimizer, lr_scheduler, loader, noise_scheduler, generator,
                       mixed_precision, resumed_from=resume_path)  # fmt: skip
     if args.eval_every_steps and accelerator.is_main_process:
