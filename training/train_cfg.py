@@ -461,6 +461,10 @@ class TrainingRun:
     mixed_precision: str
     resumed_from: str | None = None
     classifier: torch.nn.Module | None = None
+    # Start of train() in this process, and the seconds that evaluations took since then. Evaluations report the
+    # training time without them.
+    train_started: float = 0.0
+    evaluation_seconds: float = 0.0
 
     @property
     def null_class_id(self) -> int:
@@ -486,6 +490,7 @@ def train(run: TrainingRun, global_step: int) -> int:
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
 
+    run.train_started = time.perf_counter()
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="training", unit="step",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     throughput = Throughput()
@@ -573,7 +578,9 @@ def log_sample_grid(run: TrainingRun, step: int) -> None:
 
 
 def log_class_accuracy(run: TrainingRun, step: int) -> None:
-    """Log the class accuracy of guided samples (EMA weights) at each of --eval_guidance_scales."""
+    """Log the class accuracy of guided samples (EMA weights) at each of --eval_guidance_scales, with the seconds of
+    training so far, evaluations excluded."""
+    started = time.perf_counter()
     args = run.args
     unwrapped = run.accelerator.unwrap_model(run.unet)
     with EMAWeights(run.ema, unwrapped):
@@ -582,8 +589,14 @@ def log_class_accuracy(run: TrainingRun, step: int) -> None:
             pipe, run.classifier, args.eval_guidance_scales, args.eval_samples_per_class, args.num_inference_steps,
             mixed_precision=run.mixed_precision,
         )  # fmt: skip
-    run.accelerator.log({f"class_accuracy/s={row['guidance_scale']:g}": row["class_accuracy"] for row in results},
-                        step=step)  # fmt: skip
+    training_seconds = started - run.train_started - run.evaluation_seconds
+    run.evaluation_seconds += time.perf_counter() - started
+    metrics = {f"class_accuracy/s={row['guidance_scale']:g}": row["class_accuracy"] for row in results}
+    run.accelerator.log({**metrics, "training_seconds": training_seconds}, step=step)
+    accuracies = ", ".join(f"{100 * row['class_accuracy']:.1f}% at s = {row['guidance_scale']:g}" for row in results)
+    # benchmarks/time_to_quality.py reads this line.
+    logger.info(f"Evaluation at step {step}: class accuracy {accuracies}, after {training_seconds:.1f} s of training "
+                "(evaluations excluded)")  # fmt: skip
 
 
 def resolved_config(args, accelerator, data, unet, mixed_precision, resolution, channels, resume_path) -> dict:
