@@ -704,6 +704,24 @@ def check_resume_step(resume_path: str, max_train_steps: int, output_dir: str) -
                        "--max_train_steps to train longer")  # fmt: skip
 
 
+def build_optimization(args, accelerator, unet) -> tuple:
+    """Return the EMA of the UNet's weights (None with --no_ema), its AdamW optimizer, and the learning-rate schedule."""
+    ema = None
+    if not args.no_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
+                       power=args.ema_power)  # fmt: skip
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay)  # fmt: skip
+    # The prepared scheduler steps once per process at every optimizer step, hence the scaled lengths.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    return ema, optimizer, lr_scheduler
+
+
 def main(argv=None):
     args = parse_args(argv)
     # accelerate's logger fails until its state exists, and resolving the precision may log a warning.
@@ -732,19 +750,7 @@ def main(argv=None):
         return config
 
     # 2. Optimizer, EMA, and the state that checkpoints carry
-    ema = None
-    if not args.no_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=args.ema_power)  # fmt: skip
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay)  # fmt: skip
-    # The prepared scheduler steps once per process at every optimizer step, hence the scaled lengths.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    ema, optimizer, lr_scheduler = build_optimization(args, accelerator, unet)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     generator = TrainingGenerator(args.seed, accelerator.process_index, accelerator.device)
     generator.register_for_checkpointing(accelerator)
