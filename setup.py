@@ -53,6 +53,7 @@ setup(
             "diffusers-cfg-sample=diffusers_cfg.pipelines.sample:main",
             "diffusers-cfg-push=diffusers_cfg.training.hub:main",
             "diffusers-cfg-sweep=diffusers_cfg.training.guidance_sweep:main",
+            "diffusers-cfg-compare-sweeps=diffusers_cfg.training.compare_sweeps:main",
         ],
     },
 )

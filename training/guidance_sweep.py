@@ -484,21 +484,22 @@ def markdown_notes(summary: list, context: dict) -> list:
 def metrics_table(summary: list) -> list:
     header = ["scheduler", "steps", "s", "w", "class accuracy", "classifier FID", "precision", "recall",
               "seeds × samples"]  # fmt: skip
-    cells = [
-        [
-            row["scheduler"],
-            row["num_inference_steps"],
-            f"{row['guidance_scale']:g}",
-            f"{row['guidance_weight']:g}",
-            format_spread(row["class_accuracy_mean"], row["class_accuracy_std"], "percent"),
-            format_spread(row["classifier_fid_mean"], row["classifier_fid_std"], "distance"),
-            format_spread(row["precision_mean"], row["precision_std"], "share"),
-            format_spread(row["recall_mean"], row["recall_std"], "share"),
-            f"{row['num_seeds']} × {row['num_samples']}",
-        ]
-        for row in summary
+    return markdown_table(header, [metrics_row_cells(row) for row in summary])
+
+
+def metrics_row_cells(row: dict) -> list:
+    """Return the cells of one summary row under the columns of `metrics_table`."""
+    return [
+        row["scheduler"],
+        row["num_inference_steps"],
+        f"{row['guidance_scale']:g}",
+        f"{row['guidance_weight']:g}",
+        format_spread(row["class_accuracy_mean"], row["class_accuracy_std"], "percent"),
+        format_spread(row["classifier_fid_mean"], row["classifier_fid_std"], "distance"),
+        format_spread(row["precision_mean"], row["precision_std"], "share"),
+        format_spread(row["recall_mean"], row["recall_std"], "share"),
+        f"{row['num_seeds']} × {row['num_samples']}",
     ]
-    return markdown_table(header, cells)
 
 
 def per_class_table(summary: list, context: dict) -> list:
@@ -545,6 +546,18 @@ def recommendation_lines(context: dict) -> list:
 
 def plot_sweep(path: str, summary: list, ceiling: float | None) -> None:
     """Plot class accuracy, classifier FID, precision and recall against w, one line per scheduler and step count."""
+    settings = list(dict.fromkeys((row["scheduler"], row["num_inference_steps"]) for row in summary))
+    lines = {
+        f"{scheduler}, {steps} steps": [
+            row for row in summary if (row["scheduler"], row["num_inference_steps"]) == (scheduler, steps)
+        ]
+        for scheduler, steps in settings
+    }
+    plot_metric_lines(path, lines, ceiling, "Guidance sweep: mean ± standard deviation over seeds")
+
+
+def plot_metric_lines(path: str, lines: dict, ceiling: float | None, title: str) -> None:
+    """Plot the four metrics against w in a 2 x 2 figure, one line per entry of `lines` (label -> summary rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -556,17 +569,15 @@ def plot_sweep(path: str, summary: list, ceiling: float | None) -> None:
         ("precision", "precision"),
         ("recall", "recall"),
     )
-    settings = list(dict.fromkeys((row["scheduler"], row["num_inference_steps"]) for row in summary))
-    swept_weights = sorted({row["guidance_weight"] for row in summary})
+    swept_weights = sorted({row["guidance_weight"] for rows in lines.values() for row in rows})
     figure, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
-    for axis, (metric, title) in zip(axes.flat, panels):
-        for scheduler, steps in settings:
-            rows = [row for row in summary if (row["scheduler"], row["num_inference_steps"]) == (scheduler, steps)]
+    for axis, (metric, panel_title) in zip(axes.flat, panels):
+        for label, rows in lines.items():
             weights = [row["guidance_weight"] for row in rows]
             means = [row[f"{metric}_mean"] for row in rows]
             # A single seed has no spread: draw no error bar rather than a zero-length one.
             spreads = [row[f"{metric}_std"] if math.isfinite(row[f"{metric}_std"]) else 0.0 for row in rows]
-            axis.errorbar(weights, means, yerr=spreads, marker="o", capsize=3, label=f"{scheduler}, {steps} steps")
+            axis.errorbar(weights, means, yerr=spreads, marker="o", capsize=3, label=label)
         if metric == "class_accuracy" and ceiling is not None:
             axis.axhline(ceiling, color="gray", linestyle="--", label="classifier on real test images")
         # symlog keeps w = -1 and w = 0 visible next to w = 20. The ticks are the swept weights.
@@ -574,10 +585,10 @@ def plot_sweep(path: str, summary: list, ceiling: float | None) -> None:
         axis.set_xticks(swept_weights, labels=[f"{weight:g}" for weight in swept_weights])
         axis.minorticks_off()
         axis.set_xlabel("guidance weight w (scale s = w + 1)")
-        axis.set_title(title)
+        axis.set_title(panel_title)
         axis.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize="small")
-    figure.suptitle("Guidance sweep: mean ± standard deviation over seeds")
+    figure.suptitle(title)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
