@@ -6,11 +6,14 @@
 
 import argparse
 import logging
+import math
 import os
 
 import diffusers
 import torch
+from PIL import Image
 
+from diffusers_cfg.pipelines.command_line import check_writable_parent, configure_logging, resolve_device
 from diffusers_cfg.pipelines.pipeline_class_conditional import ClassConditionalPipeline
 
 logger = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ def grid_path(output: str, scale: float, several: bool) -> str:
     if not several:
         return output
     stem, extension = os.path.splitext(output)
-    return f"{stem}_s{scale:g}{extension or '.png'}"
+    return f"{stem}_s{scale:g}{extension}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +81,48 @@ def parse_label(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def main(argv=None) -> list:
+def check_guidance_scales(scales: list | None) -> None:
+    """Raise a ValueError for a scale the pipeline rejects, or for a scale given twice, which would overwrite a grid."""
+    if scales is None:
+        return
+    for scale in scales:
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(
+                f"--guidance_scales {scale:g} is invalid: a scale must be finite and >= 0 (s = 0 is unconditional, "
+                "s = 1 plain conditional)"
+            )
+    repeated = sorted({scale for scale in scales if scales.count(scale) > 1})
+    if repeated:
+        raise ValueError(f"--guidance_scales lists {', '.join(f'{scale:g}' for scale in repeated)} more than once, "
+                         "which would write the same grid file twice. Give distinct scales")  # fmt: skip
+
+
+def check_output(output: str) -> None:
+    """Raise a ValueError unless `output` is an image file path that PIL can write, in a folder that can be written."""
+    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+        example = os.path.join(output, "samples.png")
+        raise ValueError(f"--output {output!r} is a folder; give an image file path such as {example!r}")
+    extension = os.path.splitext(output)[1].lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format not in Image.SAVE:
+        raise ValueError(f"--output {output!r} does not end in an image file extension that Pillow can write; give a "
+                         "path ending in .png")  # fmt: skip
+    if os.path.isfile(output):
+        if not os.access(output, os.W_OK):
+            raise ValueError(f"--output {output!r} is not writable: the file exists and does not allow writing")
+    else:
+        check_writable_parent("--output", output)
+
+
+def main(argv=None) -> None:
+    """Run the sample command; the console script exits with status 0 when this returns."""
+    run(argv)
+
+
+def run(argv=None) -> list:
+    """Sample the grids that `argv` requests and return their paths. Invalid input exits with a one-line error."""
     args = parse_args(argv)
+    configure_logging(logger)
     try:
         return sample_grids(args)
     except (ValueError, FileNotFoundError, OSError) as error:
@@ -88,8 +131,9 @@ def main(argv=None) -> list:
 
 def sample_grids(args: argparse.Namespace) -> list:
     """Write one grid per guidance scale and return their paths."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_guidance_scales(args.guidance_scales)
+    check_output(args.output)
+    device = resolve_device("--device", args.device)
     pipe = ClassConditionalPipeline.from_pretrained(args.pretrained, revision=args.revision).to(device)
     if args.scheduler is not None:
         # set_scheduler keeps the noise schedule the UNet was trained on; from_config alone may not (Heun).
