@@ -12,15 +12,20 @@ import logging
 import math
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from command_helpers import printed_values, script_env
 from PIL import Image
+from safetensors.torch import save_file
 from threadpoolctl import threadpool_limits
 from training_helpers import run_main, tiny_argv
 
 from diffusers_cfg.pipelines import ClassConditionalPipeline
+from diffusers_cfg.training import classifier as classifier_module
 from diffusers_cfg.training import guidance_sweep
 from diffusers_cfg.training.classifier import train_classifier
 from diffusers_cfg.training.data import load_labeled_images
@@ -87,7 +92,7 @@ def run_sweep_command(argv, classifier, cache_dir):
     """Run main(argv) with the quick classifier; return sweep.json's content and the printed output."""
     output = io.StringIO()
     with patched_classifier(classifier, cache_dir), contextlib.redirect_stdout(output):
-        report = guidance_sweep.main(argv)
+        report = guidance_sweep.run(argv)
     return report, output.getvalue()
 
 
@@ -269,6 +274,8 @@ def test_real_reference_subset():
         (["--seeds", "-1"], "--seeds -1 is invalid"),
         (["--seeds", "3", "3"], r"--seeds lists \[3\] more than once"),
         (["--dataset_name", "builtin:no-such-set"], "no-such-set"),
+        (["--device", "banana"], "--device 'banana' is not a torch device"),
+        (["--device", "meta"], "--device 'meta' cannot sample"),
     ],
 )
 def test_invalid_input_names_flag_and_value(pipeline_dir, tmp_path, extra_args, message):
@@ -494,6 +501,9 @@ def test_set_default_writes_chosen_scale(pipeline_dir, quick_classifier, tmp_pat
     folder = tmp_path / "cfg-digits"
     shutil.copytree(pipeline_dir, folder)
     caplog.set_level(logging.WARNING, logger=guidance_sweep.logger.name)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights_before = weights.stat().st_mtime_ns
+    files_before = sorted(path.name for path in folder.iterdir())
     report, printed = run_set_default_sweep(folder, "fid", quick_classifier, tmp_path / "cache")
 
     chosen = report["best_fid"]["guidance_scale"]
@@ -508,6 +518,8 @@ def test_set_default_writes_chosen_scale(pipeline_dir, quick_classifier, tmp_pat
     assert index["default_guidance_scale"] == chosen
     assert index["_class_name"] == ["pipeline_class_conditional", "ClassConditionalPipeline"], "remote code entry lost"
     assert ClassConditionalPipeline.from_pretrained(folder).config.default_guidance_scale == chosen
+    assert weights.stat().st_mtime_ns == weights_before, "--set_default rewrote the UNet weights"
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*files_before, "guidance_sweep"])
     for name in ("training_config.json", "README.md", "guidance_sweep/sweep.csv", "guidance_sweep/sweep.md"):
         assert (folder / name).is_file(), f"{name} is missing after --set_default"
     assert "from 4 to" in printed
@@ -555,3 +567,119 @@ def test_set_default_updates_training_card(quick_classifier, tmp_path):
     assert card_section(card, "Classes") == card_section(card_before, "Classes")
     assert report["default_guidance_scale"]["model_card"] == str(folder / "README.md")
     assert f"Wrote the model card {folder / 'README.md'} again with s = {chosen:g}" in printed
+
+
+def test_missing_cuda_fails_before_loading(pipeline_dir, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has cuda")
+    monkeypatch.setattr(guidance_sweep, "load_labeled_images", lambda name: pytest.fail("data loaded before the check"))
+    with pytest.raises(SystemExit, match="--device 'cuda' is not available on this machine"):
+        guidance_sweep.main([str(pipeline_dir), "--output_dir", str(tmp_path / "sweep"), "--device", "cuda"])
+
+
+@pytest.mark.parametrize("layout", ["output_dir is a file", "parent is a file"])
+def test_output_dir_that_is_a_file(pipeline_dir, tmp_path, monkeypatch, layout):
+    monkeypatch.setattr(guidance_sweep, "load_labeled_images", lambda name: pytest.fail("data loaded before the check"))
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    if layout == "output_dir is a file":
+        output_dir, expected = blocker, f"--output_dir '{blocker}' is a file; give a folder"
+    else:
+        output_dir, expected = blocker / "sweep", f"--output_dir '{blocker / 'sweep'}' cannot be created, because"
+    with pytest.raises(SystemExit) as exit_info:
+        guidance_sweep.main([str(pipeline_dir), "--output_dir", str(output_dir)])
+    assert str(exit_info.value).startswith(f"error: {expected}")
+
+
+def test_set_default_failure_keeps_reports(pipeline_dir, quick_classifier, tmp_path, monkeypatch):
+    folder = tmp_path / "cfg-digits"
+    shutil.copytree(pipeline_dir, folder)
+    index_before = (folder / "model_index.json").read_bytes()
+
+    def failing_write(pipeline_dir, guidance_scale):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(guidance_sweep, "set_default_guidance_scale", failing_write)
+    with pytest.raises(SystemExit) as exit_info:
+        run_set_default_sweep(folder, "fid", quick_classifier, tmp_path / "cache")
+
+    message = str(exit_info.value)
+    assert "--set_default fid: writing model_index.json" in message
+    assert "No space left on device" in message
+    assert f"the reports are in {folder / 'guidance_sweep'}" in message
+    for name in ("sweep.csv", "sweep_summary.csv", "sweep.md", "sweep.png", "sweep.json"):
+        assert (folder / "guidance_sweep" / name).is_file(), f"{name} was lost with the failed --set_default"
+    report = json.loads((folder / "guidance_sweep" / "sweep.json").read_text())
+    assert report["default_guidance_scale"] is None, "sweep.json claims a change that did not happen"
+    assert (folder / "model_index.json").read_bytes() == index_before
+
+
+def test_set_default_rewrites_index_atomically(tmp_path):
+    pipe_dir = tmp_path / "pipe"
+    pipe_dir.mkdir()
+    index = {"_class_name": ["pipeline_class_conditional", "ClassConditionalPipeline"], "_diffusers_version": "0.35.0",
+             "default_guidance_scale": 4.0, "id2label": {"0": "a"}, "unet": ["diffusers", "UNet2DModel"]}  # fmt: skip
+    (pipe_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (pipe_dir / "model_index.json").chmod(0o644)
+
+    previous = guidance_sweep.set_default_guidance_scale(str(pipe_dir), 2.5)
+
+    assert previous == 4.0
+    assert json.loads((pipe_dir / "model_index.json").read_text()) == {**index, "default_guidance_scale": 2.5}
+    assert (pipe_dir / "model_index.json").stat().st_mode & 0o777 == 0o644
+    assert [path.name for path in pipe_dir.iterdir()] == ["model_index.json"], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize(
+    ("clip_sample", "scheduler_clips", "expected"),
+    [
+        ("on", False, ("Clipping of the x_0 estimate was on in the sweep (--clip_sample on), but the pipeline "
+                       "samples without clipping by default: pass clip_sample=True")),
+        ("off", True, ("was off in the sweep (--clip_sample off), but the pipeline samples with clipping by default: "
+                       "pass clip_sample=False")),
+        ("auto", False, None),
+        ("on", True, None),
+        ("off", False, None),
+    ],
+)  # fmt: skip
+def test_recommendation_source_states_clipping(clip_sample, scheduler_clips, expected):
+    choice = {"num_samples": 30, "num_seeds": 2}
+    source = guidance_sweep.recommendation_source(
+        "fid", choice, {"scheduler": "ddim", "num_inference_steps": 2}, [1.0, 3.0], clip_sample, scheduler_clips
+    )
+    assert source.startswith("Chosen by diffusers-cfg-sweep as the scale with the best classifier FID among s = 1, 3")
+    if expected is None:
+        assert "clip" not in source.lower()
+    else:
+        assert expected in source
+
+
+def test_console_command_exits_zero_quietly(pipeline_dir, quick_classifier, tmp_path):
+    """Run main() as the installed wrapper does, with the quick classifier in the cache that the sweep reads."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    data = load_labeled_images("builtin:digits")
+    key = classifier_module._cache_key(data, 8, 1)
+    model, info = quick_classifier
+    save_file(model.state_dict(), str(cache_dir / f"classifier-{key}.safetensors"))
+    (cache_dir / f"classifier-{key}.json").write_text(json.dumps(info))
+    output_dir = tmp_path / "sweep"
+    argv = [str(pipeline_dir), "--guidance_weights", "0", "--schedulers", "ddim", "--num_inference_steps", "2",
+            "--samples_per_class", "1", "--seeds", "0", "--output_dir", str(output_dir)]  # fmt: skip
+    # The httpx2 record stands for the HTTP clients, which log every request at INFO.
+    code = (
+        "import logging, sys\n"
+        "from diffusers_cfg.training.guidance_sweep import main\n"
+        f"status = main({argv!r})\n"
+        "logging.getLogger('httpx2').info('HTTP Request: GET http://127.0.0.1/probe')\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                            env=script_env(DIFFUSERS_CFG_CACHE=str(cache_dir)))  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert printed_values(result.stderr) == [], "the return value of main() reached stderr"
+    assert "HTTP Request" not in result.stderr, "INFO records of other libraries reach the console"
+    assert "Sweeping 1 scales" in result.stderr, "the progress line is missing"
+    assert "Training the evaluation classifier" not in result.stderr, "the cached classifier was not used"
+    assert (output_dir / "sweep.json").is_file()

@@ -22,10 +22,13 @@ weight of Ho & Salimans (2022) is w = s - 1. Every table, plot and message shows
 
 import argparse
 import csv
+import inspect
 import json
 import logging
 import math
 import os
+import stat
+import tempfile
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ from diffusers_cfg.model_cards.model_card import (
     write_model_card,
 )
 from diffusers_cfg.pipelines import ClassConditionalPipeline
+from diffusers_cfg.pipelines.command_line import check_output_folder, configure_logging, resolve_device
 from diffusers_cfg.pipelines.sample import SCHEDULER_ALIASES, scheduler_class
 from diffusers_cfg.training.classifier import load_or_train_classifier
 from diffusers_cfg.training.data import load_labeled_images, split_as_tensors
@@ -67,6 +71,8 @@ RECOMMENDATION_LABELS = {"fid": "best classifier FID", "accuracy": "best class a
 CLIP_SAMPLE_CHOICES = {"auto": None, "on": True, "off": False}
 TRAINING_CONFIG = "training_config.json"
 PIPELINE_INDEX = "model_index.json"
+# Subfolder of PIPELINE_DIR that receives the reports when --output_dir is omitted.
+DEFAULT_OUTPUT_FOLDER = "guidance_sweep"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default=None, help="Folder for the tables, plot and grids. Defaults to "
-                        "PIPELINE_DIR/guidance_sweep.")  # fmt: skip
+                        f"PIPELINE_DIR/{DEFAULT_OUTPUT_FOLDER}.")  # fmt: skip
     output.add_argument("--set_default", default="none", choices=["accuracy", "fid", "none"],
                         help="Write the scale with the best class accuracy or classifier FID of the reference "
                              "setting into the pipeline's model_index.json as default_guidance_scale, and into the "
@@ -613,16 +619,48 @@ def write_grids(output_dir: str, grids: dict) -> dict:
 
 
 def set_default_guidance_scale(pipeline_dir: str, guidance_scale: float) -> float:
-    """Save `guidance_scale` as the pipeline's default_guidance_scale and return the previous default.
+    """Write `guidance_scale` into the folder's model_index.json as default_guidance_scale; return the previous default.
 
-    The pipeline is loaded afresh from the folder and saved over it, so the scheduler swaps of the sweep never reach
-    the folder. `save_pretrained` rewrites only the pipeline files and leaves the folder's other files in place.
+    Only model_index.json changes, and the UNet and scheduler files stay as they are. The new content goes to a
+    temporary file in the same folder, which os.replace then moves over the old file, so an interrupted write leaves
+    the old file whole.
     """
-    pipe = ClassConditionalPipeline.from_pretrained(pipeline_dir)
-    previous = float(pipe.config.default_guidance_scale)
-    pipe.register_to_config(default_guidance_scale=float(guidance_scale))
-    pipe.save_pretrained(pipeline_dir)
+    index_path = os.path.join(pipeline_dir, PIPELINE_INDEX)
+    with open(index_path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    init_default = inspect.signature(ClassConditionalPipeline.__init__).parameters["default_guidance_scale"].default
+    previous = float(index.get("default_guidance_scale", init_default))
+    index["default_guidance_scale"] = float(guidance_scale)
+
+    # The same layout as diffusers' save_pretrained writes, so that a later save_pretrained shows a small diff.
+    content = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    mode = stat.S_IMODE(os.stat(index_path).st_mode)
+    descriptor, temporary_path = tempfile.mkstemp(dir=pipeline_dir, prefix=f".{PIPELINE_INDEX}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates the file readable by its owner only. Keep the permissions of the old file.
+        os.chmod(temporary_path, mode)
+        os.replace(temporary_path, index_path)
+    except BaseException:
+        os.unlink(temporary_path)
+        raise
     return previous
+
+
+def check_set_default_writable(pipeline_dir: str) -> None:
+    """Raise a ValueError unless --set_default can replace model_index.json and rewrite README.md in `pipeline_dir`."""
+    if not os.access(pipeline_dir, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--set_default needs to write {PIPELINE_INDEX} in PIPELINE_DIR {pipeline_dir!r}, but the folder is not "
+            "writable. Make it writable, or omit --set_default and set the scale later"
+        )
+    card_path = os.path.join(pipeline_dir, CARD_FILENAME)
+    if os.path.isfile(card_path) and not os.access(card_path, os.W_OK):
+        raise ValueError(f"--set_default needs to update the model card {card_path!r}, but the file is not writable. "
+                         "Make it writable, or omit --set_default")  # fmt: skip
 
 
 def training_card_of(pipeline_dir: str) -> dict | None:
@@ -645,14 +683,29 @@ def training_card_of(pipeline_dir: str) -> dict | None:
     return training_card_fields(report)
 
 
-def recommendation_source(key: str, choice: dict, reference_setting: dict, scales: list) -> str:
-    """Describe for the model card how the sweep chose the recommended scale."""
-    return (
+def recommendation_source(
+    key: str, choice: dict, reference_setting: dict, scales: list, clip_sample: str, scheduler_clips: bool
+) -> str:
+    """Describe for the model card how the sweep chose the recommended scale.
+
+    `clip_sample` is the --clip_sample choice and `scheduler_clips` whether the saved scheduler clips by default.
+    When the two differ, the card says so, because the pipeline samples as its scheduler config says unless the
+    caller passes clip_sample.
+    """
+    source = (
         f"Chosen by diffusers-cfg-sweep as the scale with the {RECOMMENDATION_LABELS[key]} among s = "
         f"{', '.join(f'{scale:g}' for scale in scales)}, sampled with {reference_setting['scheduler']} in "
         f"{reference_setting['num_inference_steps']} steps, {choice['num_samples']} images per seed, mean over "
         f"{choice['num_seeds']} seed(s)."
     )
+    sweep_clips = CLIP_SAMPLE_CHOICES[clip_sample]
+    if sweep_clips is not None and sweep_clips != scheduler_clips:
+        state, default = ("on", "without clipping") if sweep_clips else ("off", "with clipping")
+        source += (
+            f" Clipping of the x_0 estimate was {state} in the sweep (--clip_sample {clip_sample}), but the pipeline "
+            f"samples {default} by default: pass clip_sample={sweep_clips} to sample as the sweep did."
+        )
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -660,13 +713,21 @@ def recommendation_source(key: str, choice: dict, reference_setting: dict, scale
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
-    """Run the sweep from command-line arguments and return the content of sweep.json."""
+def main(argv=None) -> None:
+    """Run the sweep command; the console script exits with status 0 when this returns."""
+    run(argv)
+
+
+def run(argv=None) -> dict:
+    """Run the sweep from command-line arguments and return the content of sweep.json.
+
+    Invalid input and failed file writes exit with a one-line error.
+    """
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(logger)
     try:
         return sweep(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from error
 
 
@@ -678,10 +739,15 @@ def sweep(args: argparse.Namespace) -> dict:
     scheduler_classes = resolve_schedulers(args.schedulers)
     check_pipeline_dir(args.pipeline_dir)
     dataset_name = dataset_name_of(args.pipeline_dir, args.dataset_name)
-    output_dir = args.output_dir or os.path.join(args.pipeline_dir, "guidance_sweep")
+    output_dir = args.output_dir or os.path.join(args.pipeline_dir, DEFAULT_OUTPUT_FOLDER)
+    check_output_folder("--output_dir", output_dir)
+    card_fields = None
+    if args.set_default != "none":
+        check_set_default_writable(args.pipeline_dir)
+        card_fields = training_card_of(args.pipeline_dir)
+    device = resolve_device("--device", args.device)
 
     # 2. Pipeline, data, classifier and the real reference features
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = ClassConditionalPipeline.from_pretrained(args.pipeline_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     train_steps = pipe.scheduler.config.num_train_timesteps
@@ -730,36 +796,7 @@ def sweep(args: argparse.Namespace) -> dict:
     reference_setting = {"scheduler": args.schedulers[0], "num_inference_steps": args.num_inference_steps[0]}
     choices = recommendations(summary, **reference_setting)
 
-    # 4. Optionally make the chosen scale the pipeline's default and the model card's recommendation
-    default_change = None
-    if args.set_default != "none":
-        choice = choices[args.set_default]
-        if choice is None:
-            raise ValueError(f"--set_default {args.set_default}: every run of the reference setting failed, so no "
-                             "scale was chosen. The pipeline is unchanged")  # fmt: skip
-        card_fields = training_card_of(args.pipeline_dir)
-        previous = set_default_guidance_scale(args.pipeline_dir, choice["guidance_scale"])
-        card_path = None
-        if card_fields is not None:
-            card_fields["guidance_scale"] = choice["guidance_scale"]
-            card_fields["guidance_scale_source"] = recommendation_source(
-                args.set_default, choice, reference_setting, scales
-            )
-            card_path = str(write_model_card(args.pipeline_dir, **card_fields))
-        elif os.path.isfile(os.path.join(args.pipeline_dir, CARD_FILENAME)):
-            logger.warning(
-                "%s still recommends its old guidance scale: the folder has no %s with the training settings to "
-                "render it from, so update its recommended scale to s = %g by hand.",
-                os.path.join(args.pipeline_dir, CARD_FILENAME), TRAINING_REPORT_FILENAME, choice["guidance_scale"],
-            )  # fmt: skip
-        default_change = {
-            "source": args.set_default,
-            "previous": previous,
-            "new": choice["guidance_scale"],
-            "model_card": card_path,
-        }
-
-    # 5. Reports
+    # 4. Reports, written before --set_default touches the pipeline folder so that a failure there keeps them
     os.makedirs(output_dir, exist_ok=True)
     paths = {
         "per-seed table": os.path.join(output_dir, "sweep.csv"),
@@ -770,6 +807,8 @@ def sweep(args: argparse.Namespace) -> dict:
     }
     write_csv(paths["per-seed table"], rows)
     write_csv(paths["summary table"], summary)
+    plot_sweep(paths["plot"], summary, classifier_info.get("test_accuracy"))
+    grid_paths = write_grids(output_dir, grids)
     context = {
         "pipeline_dir": args.pipeline_dir,
         "dataset": dataset_name,
@@ -782,11 +821,8 @@ def sweep(args: argparse.Namespace) -> dict:
         "feature_dim": reference.features.shape[1],
         "reference_setting": reference_setting,
         "recommendations": choices,
-        "default_guidance_scale": default_change,
+        "default_guidance_scale": None,
     }
-    write_markdown(paths["markdown report"], summary, context)
-    plot_sweep(paths["plot"], summary, classifier_info.get("test_accuracy"))
-    grid_paths = write_grids(output_dir, grids)
     report = {
         "pipeline_dir": os.path.abspath(args.pipeline_dir),
         "dataset": dataset_name,
@@ -799,7 +835,7 @@ def sweep(args: argparse.Namespace) -> dict:
             for name in args.schedulers
             for steps in args.num_inference_steps
         ],
-        "default_guidance_scale": default_change,
+        "default_guidance_scale": None,
         "settings": {
             "guidance_scales": scales,
             "guidance_weights": [guidance_weight(scale) for scale in scales],
@@ -813,11 +849,59 @@ def sweep(args: argparse.Namespace) -> dict:
         },
         "files": {**paths, "grids": {f"{scale:g}": path for scale, path in grid_paths.items()}},
     }
-    with open(paths["recommendations"], "w", encoding="utf-8") as handle:
-        json.dump(without_nan(report), handle, indent=2, allow_nan=False)
+    write_markdown(paths["markdown report"], summary, context)
+    write_report(paths["recommendations"], report)
+
+    # 5. Optionally make the chosen scale the pipeline's default and the model card's recommendation, then record
+    # the change in sweep.md and sweep.json
+    if args.set_default != "none":
+        scheduler_clips = bool(pipe.scheduler.config.get("clip_sample", False)
+                               or pipe.scheduler.config.get("thresholding", False))  # fmt: skip
+        change = apply_default_scale(args, choices, reference_setting, scales, card_fields, scheduler_clips, output_dir)
+        context["default_guidance_scale"] = report["default_guidance_scale"] = change
+        write_markdown(paths["markdown report"], summary, context)
+        write_report(paths["recommendations"], report)
 
     print_summary(report, paths, grid_paths)
     return report
+
+
+def apply_default_scale(
+    args, choices: dict, reference_setting: dict, scales: list, card_fields: dict | None, scheduler_clips: bool,
+    output_dir: str,
+) -> dict:
+    """Write the --set_default choice into model_index.json and the model card; return the change for the reports."""
+    choice = choices[args.set_default]
+    if choice is None:
+        raise ValueError(f"--set_default {args.set_default}: every run of the reference setting failed, so no "
+                         f"scale was chosen. The pipeline is unchanged, and the reports are in {output_dir}")  # fmt: skip
+    try:
+        previous = set_default_guidance_scale(args.pipeline_dir, choice["guidance_scale"])
+    except OSError as error:
+        raise ValueError(
+            f"--set_default {args.set_default}: writing {PIPELINE_INDEX} in {args.pipeline_dir!r} failed "
+            f"({error.__class__.__name__}: {error}). The pipeline is unchanged, and the reports are in {output_dir}"
+        ) from error
+
+    card_path = None
+    if card_fields is not None:
+        card_fields["guidance_scale"] = choice["guidance_scale"]
+        card_fields["guidance_scale_source"] = recommendation_source(
+            args.set_default, choice, reference_setting, scales, args.clip_sample, scheduler_clips
+        )
+        card_path = str(write_model_card(args.pipeline_dir, **card_fields))
+    elif os.path.isfile(os.path.join(args.pipeline_dir, CARD_FILENAME)):
+        logger.warning(
+            "%s still recommends its old guidance scale: the folder has no %s with the training settings to "
+            "render it from, so update its recommended scale to s = %g by hand.",
+            os.path.join(args.pipeline_dir, CARD_FILENAME), TRAINING_REPORT_FILENAME, choice["guidance_scale"],
+        )  # fmt: skip
+    return {"source": args.set_default, "previous": previous, "new": choice["guidance_scale"], "model_card": card_path}
+
+
+def write_report(path: str, report: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(without_nan(report), handle, indent=2, allow_nan=False)
 
 
 def without_nan(value):
