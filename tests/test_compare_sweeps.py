@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from command_helpers import printed_values, run_console_script
 from diffusers_cfg.training import compare_sweeps, guidance_sweep
 from PIL import Image
 
@@ -28,7 +29,7 @@ def test_compare_writes_plot_and_table(tmp_path):
     first = write_sweep(tmp_path / "drop05", {-1.0: 0.15, 0.0: 0.85, 3.0: 0.95})
     second = write_sweep(tmp_path / "drop20", {-1.0: 0.25, 0.0: 0.75, 3.0: 0.90})
     output = tmp_path / "comparison"
-    paths = compare_sweeps.main([str(first), str(second), "--labels", "5%", "20%", "--output_dir", str(output)])
+    paths = compare_sweeps.run([str(first), str(second), "--labels", "5%", "20%", "--output_dir", str(output)])
 
     with Image.open(paths["plot"]) as plot:
         assert plot.width > 500
@@ -64,3 +65,56 @@ def test_compare_folder_without_summary(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="has no sweep_summary.csv"):
         compare_sweeps.main([str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_default_labels_skip_sweep_folder_name(tmp_path):
+    first = write_sweep(tmp_path / "runA" / "guidance_sweep", {0.0: 0.9})
+    second = write_sweep(tmp_path / "runB" / "guidance_sweep", {0.0: 0.8})
+    output = tmp_path / "out"
+    compare_sweeps.run([str(first), str(second), "--output_dir", str(output)])
+
+    table = (output / "comparison.md").read_text()
+    assert f"- runA: `{first}`" in table
+    assert f"- runB: `{second}`" in table
+
+
+def test_default_labels_grow_until_unique(tmp_path):
+    labels = compare_sweeps.default_labels([str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run"),
+                                            str(tmp_path / "z")])  # fmt: skip
+    assert labels == ["x/run", "y/run", "z"]
+
+
+def test_same_folder_twice_needs_labels(tmp_path):
+    folder = write_sweep(tmp_path / "runA" / "guidance_sweep", {0.0: 0.9})
+    with pytest.raises(SystemExit, match="the sweep folders have the same names .* Pass --labels"):
+        compare_sweeps.run([str(folder), str(folder) + "/", "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"dataset": null}'])
+def test_report_without_dataset(tmp_path, content):
+    first = write_sweep(tmp_path / "a", {0.0: 0.9})
+    second = write_sweep(tmp_path / "b", {0.0: 0.9})
+    (second / "sweep.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        compare_sweeps.run([str(first), str(second), "--output_dir", str(tmp_path / "out")])
+    assert str(exit_info.value) == (
+        f"error: {second / 'sweep.json'} is missing the 'dataset' entry, which shows whether the sweeps share their "
+        "reference data. Run diffusers-cfg-sweep again to write the file"
+    )
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    first = write_sweep(tmp_path / "a", {0.0: 0.9})
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit, match=f"error: --output_dir '{tmp_path / 'taken'}' is a file; give a folder"):
+        compare_sweeps.run([str(first), "--output_dir", str(tmp_path / "taken")])
+
+
+def test_console_script_exits_zero(tmp_path):
+    first = write_sweep(tmp_path / "runA" / "guidance_sweep", {0.0: 0.9, 1.0: 0.95})
+    second = write_sweep(tmp_path / "runB" / "guidance_sweep", {0.0: 0.8, 1.0: 0.9})
+    result = run_console_script("diffusers-cfg-compare-sweeps", [first, second, "--output_dir", tmp_path / "out"])
+    assert result.returncode == 0, result.stderr
+    assert printed_values(result.stderr) == [], "the return value of main() reached stderr"
+    assert "Traceback" not in result.stderr
+    assert f"Wrote the comparison table: {tmp_path / 'out' / 'comparison.md'}" in result.stdout

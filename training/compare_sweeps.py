@@ -12,8 +12,11 @@ import argparse
 import csv
 import json
 import os
+from pathlib import Path
 
+from diffusers_cfg.pipelines.command_line import check_output_folder
 from diffusers_cfg.training.guidance_sweep import (
+    DEFAULT_OUTPUT_FOLDER,
     markdown_table,
     metrics_row_cells,
     plot_metric_lines,
@@ -32,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("sweep_dirs", nargs="+", help="Output folders of diffusers-cfg-sweep, in legend order.")
     parser.add_argument(
-        "--labels", nargs="+", default=None, help="Legend label of each folder, in order. Defaults to the folder names."
+        "--labels", nargs="+", default=None,
+        help="Legend label of each folder, in order. Defaults to the shortest ends of the folder paths that differ, "
+        f"leaving out a last {DEFAULT_OUTPUT_FOLDER!r} folder, so runA/{DEFAULT_OUTPUT_FOLDER} is labelled runA.",
     )
     parser.add_argument("--output_dir", required=True, help="Folder for comparison.png and comparison.md.")
     parser.add_argument("--title", default="Guidance sweeps compared: mean ± standard deviation over seeds",
@@ -60,14 +65,48 @@ def read_summary(sweep_dir: str) -> list:
 
 
 def read_report(sweep_dir: str) -> dict:
+    """Return the content of a sweep's sweep.json, which must name the dataset that the sweep was scored on."""
     path = os.path.join(sweep_dir, REPORT_FILE)
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            report = json.load(handle)
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(
             f"cannot read {path} ({error.__class__.__name__}: {error}). Run diffusers-cfg-sweep again"
         ) from error
+    if not isinstance(report, dict) or not isinstance(report.get("dataset"), str):
+        raise ValueError(
+            f"{path} is missing the 'dataset' entry, which shows whether the sweeps share their reference data. "
+            "Run diffusers-cfg-sweep again to write the file"
+        )
+    return report
+
+
+def default_labels(sweep_dirs: list) -> list:
+    """Return, for every folder path, its shortest end that no other path shares, as legend labels.
+
+    A last folder named like the sweep's default output folder is left out, because the folder above it names the
+    run. Raises a ValueError when two paths end in the same names all the way up, such as one folder given twice.
+    """
+    parts = []
+    for sweep_dir in sweep_dirs:
+        names = Path(os.path.abspath(sweep_dir)).parts
+        if len(names) > 2 and names[-1] == DEFAULT_OUTPUT_FOLDER:
+            names = names[:-1]
+        parts.append(names)
+    labels = []
+    for index, names in enumerate(parts):
+        others = [other for position, other in enumerate(parts) if position != index]
+        for length in range(1, len(names) + 1):
+            if all(other[-length:] != names[-length:] for other in others):
+                labels.append("/".join(names[-length:]))
+                break
+    if len(labels) == len(parts):
+        return labels
+    raise ValueError(
+        f"the sweep folders have the same names ({', '.join(sweep_dirs)}), so they get the same legend label. Pass "
+        "--labels with one distinct label per folder"
+    )
 
 
 def check_comparable(sweep_dirs: list, summaries: list, reports: list) -> None:
@@ -107,7 +146,8 @@ def comparison_table(lines: dict) -> list:
 
 def compare(args: argparse.Namespace) -> dict:
     """Write comparison.png and comparison.md and return their paths."""
-    labels = args.labels or [os.path.basename(os.path.normpath(path)) for path in args.sweep_dirs]
+    check_output_folder("--output_dir", args.output_dir)
+    labels = args.labels or default_labels(args.sweep_dirs)
     if len(labels) != len(args.sweep_dirs):
         raise ValueError(f"--labels has {len(labels)} entries for {len(args.sweep_dirs)} sweep folders. Give one "
                          "label per folder")  # fmt: skip
@@ -143,11 +183,17 @@ def compare(args: argparse.Namespace) -> dict:
     return paths
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
+    """Run the compare command; the console script exits with status 0 when this returns."""
+    run(argv)
+
+
+def run(argv=None) -> dict:
+    """Compare the sweeps that `argv` names, then print and return the written paths. Errors exit with one line."""
     args = parse_args(argv)
     try:
         paths = compare(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from error
     for name, path in paths.items():
         print(f"Wrote the comparison {name}: {path}")
