@@ -2,15 +2,18 @@
 
 import json
 import os
+import socket
 import subprocess
 import sysconfig
 import textwrap
+import threading
 import venv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from command_helpers import run_console_script, script_env
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers_cfg.model_cards.model_card import write_model_card
 from diffusers_cfg.pipelines import ClassConditionalPipeline
@@ -281,3 +284,62 @@ def test_remote_code_in_venv_without_package(hub_server, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("diffusers_modules.")
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), expected)
+
+
+def closed_port() -> int:
+    """Return a port on 127.0.0.1 that nothing listens on: the system picked it free, and the socket is closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_cli_reports_refused_connection(output_dir, tmp_path):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    env = script_env(HF_ENDPOINT=endpoint, HF_TOKEN="hf_test_write_token_for_diffusers_cfg", HF_HOME=str(tmp_path),
+                     HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
+    result = run_console_script("diffusers-cfg-push", [output_dir, "--hub_model_id", "test-user/cfg"], env=env)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, result.stderr
+    assert f"the connection to the Hub at {endpoint} failed (ConnectError: " in errors[0]
+    assert "Connection refused" in errors[0]
+
+
+@pytest.fixture
+def disconnecting_server():
+    """Yield the URL of a server on 127.0.0.1 that reads each request and closes the connection without answering."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+    thread.join(timeout=5)
+
+
+def test_cli_reports_dropped_connection(hub_clients, disconnecting_server, output_dir, caplog):
+    hub_clients(disconnecting_server)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(output_dir), "--hub_model_id", "test-user/cfg"])
+
+    assert exit_info.value.code == 1
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert f"the connection to the Hub at {disconnecting_server} failed (RemoteProtocolError: " in message
+    assert "\n" not in message

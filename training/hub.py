@@ -21,8 +21,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import CommitInfo, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import CommitInfo, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, HTTPError
+
+from diffusers_cfg.pipelines.command_line import configure_logging, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the push command: exit status 0 after a push or dry run, 1 with one logged error line when it fails."""
     args = parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging(logger, log_format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.dry_run:
             files = select_files_to_push(args.output_dir)
@@ -259,8 +262,20 @@ def main(argv: list[str] | None = None) -> None:
             commit_message=args.commit_message,
             revision=args.revision,
         )
-    except (ValueError, HfHubHTTPError) as error:
+    except ValueError as error:
         logger.error("%s", error)
+        raise SystemExit(1) from error
+    except HfHubHTTPError as error:
+        # The server answered with an error status. Its message says which request failed and why, over several
+        # lines, which are joined into one.
+        logger.error("Push of %s to %s at %s failed: %s", args.output_dir, args.hub_model_id, constants.ENDPOINT,
+                     " ".join(str(error).split()))  # fmt: skip
+        raise SystemExit(1) from error
+    except (HTTPError, ConnectionError) as error:
+        # huggingface_hub 2.4 raises httpx2's errors (HTTPError here) for failed connections and for transfers
+        # that break off, and OfflineModeIsEnabled, a ConnectionError, under HF_HUB_OFFLINE=1.
+        logger.error("Push of %s to %s failed: the connection to the Hub at %s failed (%s: %s)", args.output_dir,
+                     args.hub_model_id, constants.ENDPOINT, error.__class__.__name__, first_line(error))  # fmt: skip
         raise SystemExit(1) from error
     logger.info("Commit: %s", commit.commit_url)
 
