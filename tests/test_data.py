@@ -4,6 +4,7 @@ errors for datasets without a label column or with labels outside the declared c
 import argparse
 import io
 import logging
+import os
 import pickle
 
 import numpy as np
@@ -23,6 +24,7 @@ from diffusers_cfg.training.data import (
     ImageTransform,
     channel_conversion_note,
     collate_examples,
+    count_image_modes,
     detect_image_format,
     load_labeled_images,
     transformed_split,
@@ -240,3 +242,100 @@ def test_struct_without_bytes_is_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"no image column \(an Image feature or a struct with a bytes") as error:
         load_labeled_images(path)
     assert "image (struct of path)" in str(error.value)
+
+
+def make_imagefolder(root, folders: dict) -> str:
+    """Write an imagefolder: `count` gray PNGs into root/<folder> for each entry of `folders`."""
+    for folder, count in folders.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            gray_image(40 * index).save(root / folder / f"{index}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("layout", ["only", "train/only"])
+def test_imagefolder_with_one_class(tmp_path, layout):
+    root = make_imagefolder(tmp_path / "images", {layout: 3})
+    with pytest.raises(ValueError) as error:
+        load_labeled_images(root)
+    message = str(error.value)
+    assert f"the imagefolder '{root}' has one class folder ('only')" in message
+    assert "needs at least 2" in message
+    assert "--label_column" not in message
+
+
+@pytest.mark.parametrize("layout", [".", "train"])
+def test_imagefolder_without_class_folders(tmp_path, layout):
+    root = make_imagefolder(tmp_path / "images", {layout: 3})
+    with pytest.raises(ValueError, match="has no label column, because its images are not in class folders") as error:
+        load_labeled_images(root)
+    assert "--label_column" not in str(error.value)
+
+
+def test_imagefolder_with_two_classes(tmp_path):
+    data = load_labeled_images(make_imagefolder(tmp_path / "images", {"cat": 2, "dog": 2}))
+    assert data.id2label == {0: "cat", 1: "dog"}
+
+
+@pytest.mark.parametrize(
+    "labels, feature, type_name",
+    [(["cat", "dog"], Value("string"), "string"), ([0.0, 1.0], Value("float32"), "float32")],
+    ids=["strings", "floats"],
+)
+@pytest.mark.parametrize("given", [False, True], ids=["found", "flag"])
+def test_label_column_of_wrong_type(tmp_path, labels, feature, type_name, given):
+    features = Features({"image": ImageFeature(), "label": feature})
+    path = write_parquet(tmp_path / "labels.parquet", {"image": [gray_image(0)] * 2, "label": labels}, features)
+    with pytest.raises(ValueError) as error:
+        load_labeled_images(path, label_column="label" if given else None)
+    message = str(error.value)
+    assert f"'label' {'is not a ClassLabel or integer column: it' if given else f'of {path!r}'} has type {type_name}" \
+        in message
+    assert "Class labels must be integers or a ClassLabel" in message
+    assert "dataset.class_encode_column('label')" in message
+    assert "Name the column with --label_column" not in message
+
+
+def test_missing_images_are_named(tmp_path):
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    path = write_parquet(tmp_path / "holes.parquet", {"image": [gray_image(0), None, gray_image(9), None],
+                                                      "label": [0, 1, 0, 1]}, features)  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        load_labeled_images(path)
+    message = str(error.value)
+    assert f"2 row(s) of the train split of {path!r} have no image in column 'image'" in message
+    assert "row(s) 1, 3." in message
+
+
+def test_missing_struct_images_are_named(tmp_path):
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    good = png_bytes(gray_image(0))
+    entries = [{"bytes": good, "path": None}, {"bytes": None, "path": None}, None]
+    path = str(tmp_path / "struct-holes.parquet")
+    pq.write_table(pa.table({"image": pa.array(entries, type=struct), "label": pa.array([0, 1, 0])}), path)
+    with pytest.raises(ValueError, match=r"2 row\(s\) of the train split .* row\(s\) 1, 2\."):
+        load_labeled_images(path)
+
+
+@pytest.mark.parametrize("bad_row", [0, 2])
+def test_unreadable_image_is_named(tmp_path, accelerator, bad_row):
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    images = [{"bytes": png_bytes(gray_image(0)), "path": None} for _ in range(4)]
+    images[bad_row] = {"bytes": b"not an image", "path": None}
+    path = write_parquet(tmp_path / "corrupt.parquet", {"image": images, "label": [0, 1, 0, 1]}, features)
+    data = load_labeled_images(path)  # reads no pixels
+
+    with pytest.raises(ValueError) as error:
+        train_cfg.build_data(data_args(dataset_name=path, train_batch_size=2), accelerator)
+    message = str(error.value)
+    assert f"row {bad_row} of the train split of {path!r}, column 'image', contains 12 bytes" in message
+    assert "PIL cannot read as an image" in message
+    assert data.image_column == "image"
+
+
+def test_missing_image_file_is_named(tmp_path):
+    root = make_imagefolder(tmp_path / "images", {"cat": 2, "dog": 2})
+    data = load_labeled_images(root)
+    os.remove(os.path.join(root, "dog", "1.png"))
+    with pytest.raises(ValueError, match=r"row 3 of the train split .* names the file '.*dog/1.png', which PIL cannot"):
+        count_image_modes(data)

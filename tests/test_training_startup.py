@@ -56,7 +56,7 @@ def test_missing_label_column_stops_before_training(tmp_path):
     for index in range(4):
         Image.fromarray(np.full((8, 8), 40 * index, dtype=np.uint8)).save(images / f"{index}.png")
     output_dir = tmp_path / "output"
-    with pytest.raises(ValueError, match=r"no label column .*columns are: image \(Image\)"):
+    with pytest.raises(ValueError, match="has no label column, because its images are not in class folders"):
         run_main(tiny_argv(output_dir, "--dataset_name", images, "--train_batch_size", 2))
     assert not output_dir.exists()
 
@@ -152,3 +152,15 @@ def test_dry_run_prints_config_and_stops(tmp_path, capsys):
 def test_invalid_flags(tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message):
         train_cfg.parse_args(tiny_argv(tmp_path, flag, value))
+
+
+def test_missing_dataset_names_flag(tmp_path):
+    missing = tmp_path / "no-such-data"
+    with pytest.raises(FileNotFoundError) as error:
+        run_main(tiny_argv(tmp_path / "output", "--dataset_name", missing))
+    message = str(error.value)
+    assert message.startswith(f"--dataset_name '{missing}' is not an existing folder or file")
+    assert "Couldn't find any data file" in message
+    for accepted in ("Hub dataset id", "imagefolder", ".parquet", "builtin:digits", "builtin:mnist-5k",
+                     "builtin:fashion-mnist"):  # fmt: skip
+        assert accepted in message

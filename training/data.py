@@ -10,8 +10,11 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
@@ -131,7 +134,15 @@ def _load_raw(dataset_name: str, cache_dir: str | None) -> DatasetDict:
         if not dataset_name.endswith(".parquet"):
             raise ValueError(f"--dataset_name {dataset_name!r} is a file but not a .parquet file; give a folder, a .parquet file or a Hub id")
         return load_dataset("parquet", data_files={"train": dataset_name}, cache_dir=cache_dir)
-    return load_dataset(dataset_name, cache_dir=cache_dir)
+    try:
+        return load_dataset(dataset_name, cache_dir=cache_dir)
+    except FileNotFoundError as error:
+        choices = ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_DATASETS)
+        raise FileNotFoundError(
+            f"--dataset_name {dataset_name!r} is not an existing folder or file, and the datasets library found no "
+            f"Hub dataset of that name ({str(error).rstrip('.')}). Give a Hub dataset id such as uoft-cs/cifar10, a "
+            f"local imagefolder, a .parquet file, or one of {choices}"
+        ) from error
 
 
 def _describe_feature(feature) -> str:
@@ -173,7 +184,7 @@ def _cast_to_image(splits: DatasetDict, column: str, dataset_name: str) -> Datas
 def _pick_column(features, requested: str | None, candidates, kind: str, flag: str, accept, expected: str) -> str:
     """Return the `kind` column: `requested` if given, else the first candidate name, else the first column of a
     type that `accept` takes. Errors list the dataset's columns with their types."""
-    columns = ", ".join(f"{name} ({_describe_feature(feature)})" for name, feature in features.items())
+    columns = _describe_columns(features)
     if requested is not None:
         if requested not in features:
             raise ValueError(f"{flag} {requested!r} is not a column of the dataset; its columns are: {columns}")
@@ -189,6 +200,85 @@ def _pick_column(features, requested: str | None, candidates, kind: str, flag: s
     raise ValueError(
         f"the dataset has no {kind} column ({expected}); its columns are: {columns}. Name the column with {flag}"
     )
+
+
+def is_label_feature(feature) -> bool:
+    """Return whether `feature` can hold class labels: a ClassLabel or an integer Value."""
+    return isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint")))
+
+
+# Folder names that the datasets library (5.x, data_files.SPLIT_KEYWORDS) reads as split names, not class names.
+SPLIT_FOLDER_NAMES = ("train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval", "evaluation")
+
+
+def _check_imagefolder_classes(split: Dataset, image_column: str, dataset_name: str) -> None:
+    """Raise a ValueError that explains why an imagefolder has no label column.
+
+    The datasets library (5.x) takes the labels of an imagefolder from the names of the folders that contain the
+    images, and leaves the label column out when all images share one folder name.
+    """
+    root = os.path.abspath(dataset_name)
+    paths = split.cast_column(image_column, Image(decode=False))[image_column]
+    folders = {os.path.dirname(os.path.abspath(item["path"])) for item in paths if item and item.get("path")}
+    names = sorted({os.path.basename(folder) for folder in folders})
+    layout = f"{dataset_name}/<class name>/<image>"
+    flat = all(
+        folder == root or (os.path.dirname(folder) == root and os.path.basename(folder) in SPLIT_FOLDER_NAMES)
+        for folder in folders
+    )
+    if folders and flat:
+        raise ValueError(
+            f"the imagefolder {dataset_name!r} has no label column, because its images are not in class folders. Put "
+            f"the images of each class in a folder named after the class ({layout}); class-conditional training "
+            "needs at least 2 classes"
+        )
+    if len(names) == 1:
+        raise ValueError(
+            f"the imagefolder {dataset_name!r} has one class folder ({names[0]!r}), and class-conditional training "
+            f"needs at least 2. Add a folder of images for each other class ({layout})"
+        )
+
+
+def _describe_columns(features) -> str:
+    return ", ".join(f"{name} ({_describe_feature(feature)})" for name, feature in features.items())
+
+
+def _convert_labels_hint(column: str) -> str:
+    return (
+        "Class labels must be integers or a ClassLabel. Convert the column with the datasets library, e.g. "
+        f"`dataset = dataset.class_encode_column({column!r})` (one class per distinct value), and save the result, "
+        "e.g. with `dataset.to_parquet('data.parquet')`"
+    )
+
+
+def _pick_label_column(features, requested: str | None, splits: DatasetDict, image_column: str,
+                       dataset_name: str) -> str:
+    """Return the label column, or raise a ValueError that explains why there is none and how to get one.
+
+    A label column contains integers or is a ClassLabel. Columns of class names or floats must be converted first.
+    """
+    if requested is not None and requested in features and not is_label_feature(features[requested]):
+        raise ValueError(
+            f"--label_column {requested!r} is not a ClassLabel or integer column: it has type "
+            f"{_describe_feature(features[requested])}. {_convert_labels_hint(requested)}"
+        )
+    if requested is None and not any(is_label_feature(feature) for feature in features.values()):
+        if os.path.isdir(dataset_name):
+            _check_imagefolder_classes(splits["train"], image_column, dataset_name)
+        named = [name for name in LABEL_COLUMN_CANDIDATES if name in features]
+        if named:
+            raise ValueError(
+                f"label column {named[0]!r} of {dataset_name!r} has type {_describe_feature(features[named[0]])}. "
+                f"{_convert_labels_hint(named[0])}"
+            )
+        raise ValueError(
+            f"the dataset has no label column (a ClassLabel or integer column); its columns are: "
+            f"{_describe_columns(features)}. If one of them holds class names or other values, convert it with the "
+            "datasets library, e.g. `dataset = dataset.class_encode_column(name)`, save the result, and name the "
+            "column with --label_column"
+        )
+    return _pick_column(features, requested, LABEL_COLUMN_CANDIDATES, "label", "--label_column", is_label_feature,
+                        "a ClassLabel or integer column")  # fmt: skip
 
 
 def load_labeled_images(
@@ -214,17 +304,10 @@ def load_labeled_images(
         lambda f: isinstance(f, Image) or is_encoded_image_struct(f),
         "an Image feature or a struct with a bytes field of encoded images",
     )
+    check_missing_images(splits["train"], image_column, dataset_name)
     if not isinstance(features[image_column], Image):
         splits = _cast_to_image(splits, image_column, dataset_name)
-    label_column = _pick_column(
-        features,
-        label_column,
-        LABEL_COLUMN_CANDIDATES,
-        "label",
-        "--label_column",
-        lambda f: isinstance(f, ClassLabel) or (isinstance(f, Value) and f.dtype.startswith(("int", "uint"))),
-        "a ClassLabel or integer column",
-    )
+    label_column = _pick_label_column(features, label_column, splits, image_column, dataset_name)
 
     label_feature = features[label_column]
     if isinstance(label_feature, ClassLabel):
@@ -269,21 +352,74 @@ def channels_of_mode(mode: str) -> int:
     return 1 if mode in GRAYSCALE_MODES else 3
 
 
+def check_missing_images(split: Dataset, column: str, dataset_name: str, split_name: str = "train") -> None:
+    """Raise a ValueError naming the rows of `split` whose image is missing: null, or a struct with neither bytes nor
+    a path.
+
+    Every row is checked, on the Arrow column without decoding anything, so the check stays cheap for large datasets.
+    """
+    values = split.with_format("arrow")[column]
+    missing = pc.is_null(values)
+    if pa.types.is_struct(values.type):
+        fields = [field.name for field in values.type if field.name in ("bytes", "path")]
+        if fields:
+            empty = reduce(pc.and_, [pc.is_null(pc.struct_field(values, name)) for name in fields])
+            missing = pc.or_(missing, empty)
+    rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+    if len(rows) == 0:
+        return
+    shown = ", ".join(str(row) for row in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    raise ValueError(
+        f"{len(rows)} row(s) of the {split_name} split of {dataset_name!r} have no image in column {column!r} (the "
+        f"value is null): row(s) {shown}. Remove those rows or give them images"
+    )
+
+
+def encoded_images(data: LabeledImages, split: str, limit: int) -> list:
+    """Return the first `limit` entries of the image column of `split` undecoded, as {"bytes", "path"} dicts."""
+    dataset = data.splits[split]
+    dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset.cast_column(data.image_column, Image(decode=False))[data.image_column]
+
+
+def open_encoded_image(item, row: int, split: str, data: LabeledImages) -> PILImage.Image:
+    """Open one entry of `encoded_images` with PIL, which reads only the header until the pixels are needed.
+
+    Raises a ValueError naming the row, the column and the dataset (and the image file, for an image stored as a
+    path) when the entry is missing or PIL cannot read it.
+    """
+    where = f"row {row} of the {split} split of {data.name!r}, column {data.image_column!r},"
+    if not item or not (item.get("bytes") or item.get("path")):
+        raise ValueError(f"{where} has no image (the value is null); remove the row or give it an image")
+    source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+    try:
+        return PILImage.open(source)
+    except OSError as error:  # PIL.UnidentifiedImageError and a missing file are both OSErrors
+        if item.get("bytes"):
+            problem = f"contains {len(item['bytes'])} bytes that PIL cannot read as an image"
+        else:
+            problem = f"names the file {item['path']!r}, which PIL cannot read as an image ({error})"
+        raise ValueError(f"{where} {problem}; remove the row or replace the image") from error
+
+
 def detect_image_format(data: LabeledImages) -> tuple:
-    """(resolution, channels) of the first training image: the default model size, and 1 channel for grayscale."""
-    first = data.splits["train"][0][data.image_column]
-    return max(first.size), channels_of_mode(first.mode)
+    """(resolution, channels) of the first training image, read from its header: the default model size, and 1
+    channel for grayscale. An Image feature with a fixed mode decodes to that mode, so the mode counts instead."""
+    with open_encoded_image(encoded_images(data, "train", 1)[0], 0, "train", data) as image:
+        size, mode = image.size, image.mode
+    return max(size), channels_of_mode(data.splits["train"].features[data.image_column].mode or mode)
 
 
 def count_image_modes(data: LabeledImages, split: str = "train", limit: int = MODE_CHECK_LIMIT) -> dict:
-    """Count the PIL modes of the first `limit` images of `split`, reading only the image headers."""
-    dataset = data.splits[split]
-    dataset = dataset.select(range(min(limit, len(dataset))))
-    encoded = dataset.cast_column(data.image_column, Image(decode=False))[data.image_column]
+    """Count the PIL modes of the first `limit` images of `split`, reading only the image headers.
+
+    Raises a ValueError naming the row when one of them is missing or not an image.
+    """
+    # NOTE: an unreadable image after the first `limit` rows is found only when training reaches it, and then
+    # raises the datasets library's own error, which does not name the row.
     counts = {}
-    for item in encoded:
-        source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-        with PILImage.open(source) as image:
+    for row, item in enumerate(encoded_images(data, split, limit)):
+        with open_encoded_image(item, row, split, data) as image:
             counts[image.mode] = counts.get(image.mode, 0) + 1
     return counts
 
