@@ -27,7 +27,7 @@ use_cpu: true
 """
 
 
-def launch(tmp_path, output_dir, *flags) -> str:
+def launch(tmp_path, output_dir, *flags, expect_success=True) -> str:
     """Run train_cfg.py in 2 processes and return their combined output."""
     config = tmp_path / "multi_cpu.yaml"
     config.write_text(ACCELERATE_CONFIG)
@@ -36,7 +36,7 @@ def launch(tmp_path, output_dir, *flags) -> str:
     result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(tmp_path / "cache"), capture_output=True,
                             text=True, timeout=400, check=False)  # fmt: skip
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    assert (result.returncode == 0) == expect_success, output[-4000:]
     return output
 
 
@@ -100,3 +100,20 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert output.count("Saved the pipeline") == 1
     assert len(event_files(output_dir)) == 2  # one per run, none per extra process
     assert logged_loss_steps(output_dir) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="this torch build has no gloo backend")
+def test_two_processes_stop_on_old_checkpoints(tmp_path):
+    # Only the main process looks for checkpoints, and both processes must stop, neither waiting for the other.
+    # Each process prints the error it raised.
+    output_dir = tmp_path / "output"
+    old = output_dir / "checkpoints" / "checkpoint-6"
+    old.mkdir(parents=True)
+    (old / "train_state.json").write_text(json.dumps({"global_step": 6, "files": {}}))
+
+    output = launch(tmp_path, output_dir, "--max_train_steps", 2, expect_success=False)
+
+    assert output.count("already contains checkpoints of an earlier run (checkpoint-6)") == 2, output[-4000:]
+    assert "Training on" not in output
+    assert sorted(os.listdir(output_dir / "checkpoints")) == ["checkpoint-6"]

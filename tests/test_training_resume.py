@@ -129,8 +129,10 @@ def test_finished_run_resumes_without_training(reference, tmp_path, caplog):
     run_main(tiny_argv(output_dir, *RESUME_FLAGS, "--resume_from_checkpoint", "latest"))
 
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
-    assert any(f"Training is already complete at step {MAX_STEPS}" in message for message in warnings), warnings
-    assert "nothing left to train" in caplog.text
+    complete = [message for message in warnings if f"Training is already complete at step {MAX_STEPS}" in message]
+    assert len(complete) == 1, warnings
+    assert "nothing is left to train" in complete[0]
+    assert caplog.text.count("left to train") == 1, "the finished run is reported more than once"
     assert not differences(read_checkpoint(checkpoint(output_dir, MAX_STEPS)), before)
     assert not (output_dir / "checkpoints" / f"checkpoint-{MAX_STEPS + 1}").exists()
     saved = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
@@ -168,7 +170,18 @@ def test_resume_past_max_steps_fails_first(reference, tmp_path, monkeypatch):
     assert folder_snapshot(output_dir) == before
 
 
-def test_resume_with_other_model_fails_first(reference, tmp_path):
+def test_finished_run_dry_run_saves_nothing(reference, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    output_dir = tmp_path / "finished"
+    shutil.copytree(reference / "checkpoints", output_dir / "checkpoints")
+    run_main(tiny_argv(output_dir, *RESUME_FLAGS, "--resume_from_checkpoint", "latest", "--dry_run"))
+    assert "already complete" not in caplog.text, "a dry run reported that it saves the pipeline"
+    assert not (output_dir / "model_index.json").exists()
+
+
+def test_resume_with_other_model_fails_first(reference, tmp_path, caplog):
+    # The checkpoint is at --max_train_steps: the run must not announce that it saves the pipeline, then fail.
+    caplog.set_level(logging.INFO)
     output_dir = tmp_path / "reshaped"
     shutil.copytree(reference, output_dir)
     before = folder_snapshot(output_dir)
@@ -184,6 +197,7 @@ def test_resume_with_other_model_fails_first(reference, tmp_path):
     assert "layers_per_block" not in message
     assert checkpoints.SETTINGS_FILE in message
     assert folder_snapshot(output_dir) == before
+    assert "already complete" not in caplog.text
 
 
 def test_resume_checks_old_checkpoints_too(reference, tmp_path):

@@ -154,6 +154,31 @@ def test_invalid_flags(tmp_path, flag, value, message):
         train_cfg.parse_args(tiny_argv(tmp_path, flag, value))
 
 
+def warnings_of(caplog) -> list:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--lr_warmup_steps", 50, "--max_train_steps", 6], True),
+        (["--lr_warmup_steps", 6, "--max_train_steps", 6], False),
+        (["--lr_warmup_steps", 50, "--max_train_steps", 6, "--lr_scheduler", "constant"], False),
+    ],
+    ids=["longer", "equal", "constant-schedule"],
+)
+def test_warmup_longer_than_training_warns(tmp_path, caplog, flags, expected):
+    caplog.set_level(logging.INFO)
+    run_main(tiny_argv(tmp_path / "output", *flags, "--dry_run"))
+    found = [message for message in warnings_of(caplog) if "--lr_warmup_steps" in message]
+    if not expected:
+        assert found == []
+        return
+    assert len(found) == 1, found
+    assert "--lr_warmup_steps 50 exceeds --max_train_steps 6" in found[0]
+    assert "never reaches its peak --learning_rate 0.002: it ends at 0.00024" in found[0]
+
+
 def test_missing_dataset_names_flag(tmp_path):
     missing = tmp_path / "no-such-data"
     with pytest.raises(FileNotFoundError) as error:

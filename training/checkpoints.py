@@ -267,18 +267,57 @@ def find_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
     )
 
 
-def select(accelerator, output_dir: str, resume_from: str | None) -> str | None:
-    """Run `find_checkpoint` on the main process and broadcast its result, so that every process loads the same one."""
-    choice = [None, None]
+def decide_on_main_process(accelerator, function, *args):
+    """Call `function(*args)` on the main process only and return its result on every process.
+
+    An OSError, RuntimeError or ValueError that it raises is sent to every process and raised there, so all of them
+    stop together.
+    """
+    outcome = [None, None]
     if accelerator.is_main_process:
         try:
-            choice[0] = find_checkpoint(output_dir, resume_from)
+            outcome[0] = function(*args)
         except (OSError, RuntimeError, ValueError) as error:
-            choice[1] = error
-    choice = broadcast_object_list(choice, from_process=0)
-    if choice[1] is not None:
-        raise choice[1]
-    return choice[0]
+            outcome[1] = error
+    outcome = broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def select(accelerator, output_dir: str, resume_from: str | None) -> str | None:
+    """Run `find_checkpoint` on the main process and broadcast its result, so that every process loads the same one."""
+    return decide_on_main_process(accelerator, find_checkpoint, output_dir, resume_from)
+
+
+def check_no_checkpoints(output_dir: str) -> None:
+    """Raise a ValueError when `output_dir` contains checkpoints, for a run that starts at step 0.
+
+    A new run there numbers its checkpoints from the start, so pruning to --checkpoints_total_limit deletes its own
+    checkpoints (the lowest steps) and keeps the earlier run's, which `--resume_from_checkpoint latest` then picks.
+    """
+    existing = [os.path.basename(path) for path in complete_checkpoints(output_dir)]
+    if not existing:
+        return
+    listed = ", ".join(existing) if len(existing) <= 5 else f"{len(existing)} checkpoints, up to {existing[-1]}"
+    raise ValueError(
+        f"--output_dir {output_dir!r} already contains checkpoints of an earlier run ({listed}), and a new run would "
+        "mix its checkpoints with them. Continue that run with --resume_from_checkpoint latest, delete "
+        f"{checkpoints_root(output_dir)!r}, pass --overwrite_output_dir to delete its checkpoints and start over, or "
+        "choose another --output_dir"
+    )
+
+
+def delete_all(output_dir: str) -> list:
+    """Delete every complete checkpoint in `output_dir`, for a new run that replaces an earlier one. Returns their
+    paths."""
+    existing = complete_checkpoints(output_dir)
+    for path in existing:
+        _delete(path)
+    if existing:
+        logger.info("Deleted %d checkpoint(s) of an earlier run (--overwrite_output_dir): %s", len(existing),
+                    ", ".join(os.path.basename(path) for path in existing))  # fmt: skip
+    return existing
 
 
 def load(accelerator, output_dir: str, path: str | None) -> int:

@@ -135,6 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     saving.add_argument("--resume_from_checkpoint", default=None,
                         help="'latest' (the newest intact checkpoint in --output_dir; a fresh start when there is "
                              "none), a checkpoint folder, or a checkpoint name such as checkpoint-500.")
+    saving.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Start a new run in an --output_dir that contains another run's checkpoints, deleting "
+                             "them before training. Without it such a run stops at startup. Other files are "
+                             "overwritten or left in place.")
 
     logs = parser.add_argument_group("logging and evaluation")
     logs.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"],
@@ -202,6 +206,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution must be at least 4 pixels, got {args.resolution}")
     if args.eval_every_steps and not args.eval_samples_per_class:
         raise ValueError("--eval_every_steps needs --eval_samples_per_class of at least 1")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError(
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would resume from; give "
+            "only one of them"
+        )
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id your-name/cfg-mnist")
     for scale in [args.guidance_scale, *args.eval_guidance_scales]:
@@ -214,6 +223,45 @@ def check_args(args: argparse.Namespace) -> None:
             "--report_to wandb needs the wandb package, which is not installed; install it with `pip install wandb`, "
             "or use --report_to tensorboard"
         )
+
+
+def check_writable_folder(path: str, flag: str) -> None:
+    """Raise a ValueError, naming `flag`, when the folder `path` is a file or cannot be created or written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        kind = "a file" if os.path.isfile(path) else "not a folder"
+        raise ValueError(f"{flag} {path!r} is {kind}; give a folder path (the folder is created when missing)")
+    # The nearest folder that exists is where the missing ones would be created.
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path!r} cannot be created, because {existing!r} is a file; give a folder path")
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    if existing == os.path.abspath(path):
+        raise ValueError(f"{flag} {path!r} is not writable by this user; give a folder you can write to")
+    raise ValueError(f"{flag} {path!r} is not writable: it would be created in {existing!r}, which this user cannot "
+                     "write to; give a folder you can write to")
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Raise a ValueError when --output_dir cannot be written, or when it contains checkpoints that a new run would
+    mix with its own (see `checkpoints.check_no_checkpoints`)."""
+    check_writable_folder(args.output_dir, "--output_dir")
+    if args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        checkpoints.check_no_checkpoints(args.output_dir)
+
+
+def warn_about_schedule(args: argparse.Namespace) -> None:
+    """Warn when the learning-rate warm-up is longer than training, so that the rate never reaches its peak."""
+    if args.lr_scheduler == "constant" or args.lr_warmup_steps <= args.max_train_steps:
+        return  # the constant schedule has no warm-up, and a warm-up within training reaches the peak
+    reached = args.learning_rate * args.max_train_steps / args.lr_warmup_steps
+    logger.warning(
+        f"--lr_warmup_steps {args.lr_warmup_steps} exceeds --max_train_steps {args.max_train_steps}, so the learning "
+        f"rate never reaches its peak --learning_rate {args.learning_rate:g}: it ends at {reached:.3g}. Give "
+        f"--lr_warmup_steps {args.max_train_steps} or less to reach the peak"
+    )
 
 
 def has_accelerator_device() -> bool:
@@ -479,7 +527,10 @@ def train(run: TrainingRun, global_step: int) -> int:
     """
     args, accelerator = run.args, run.accelerator
     if global_step >= args.max_train_steps:
-        logger.info(f"Step {global_step} reaches --max_train_steps {args.max_train_steps}: nothing left to train")
+        # Reached only by resuming from a checkpoint at --max_train_steps, after its settings passed the check.
+        logger.warning(f"Training is already complete at step {global_step}: {run.resumed_from} is at "
+                       f"--max_train_steps {args.max_train_steps}, so nothing is left to train. The pipeline is saved "
+                       "from this checkpoint; give a larger --max_train_steps to train longer")  # fmt: skip
         return global_step
 
     # An epoch has ceil(micro-batches / accumulation) optimizer steps: accelerate ends an accumulation at the end of
@@ -682,12 +733,12 @@ def check_resume_settings(resume_path: str, config: dict) -> None:
 
 
 def check_resume_step(resume_path: str, max_train_steps: int, output_dir: str) -> None:
-    """Raise a ValueError when the checkpoint is past --max_train_steps, and warn when it is exactly there.
+    """Raise a ValueError when the checkpoint is past --max_train_steps.
 
-    A checkpoint at --max_train_steps is also what a run leaves when it is killed after its last checkpoint, before the
-    pipeline is saved, so resuming it saves the pipeline without training. A checkpoint past --max_train_steps cannot
-    give a model of that many steps, and the saved pipeline and its model card would report fewer steps than the
-    weights had.
+    A checkpoint past --max_train_steps cannot give a model of that many steps, and the saved pipeline and its model
+    card would report fewer steps than the weights had. A checkpoint exactly at --max_train_steps is accepted: it is
+    also what a run leaves when it is killed after its last checkpoint, before the pipeline is saved, so resuming it
+    saves the pipeline without training (`train` reports that).
     """
     step = checkpoints.step_of(resume_path)
     if step > max_train_steps:
@@ -698,10 +749,6 @@ def check_resume_step(resume_path: str, max_train_steps: int, output_dir: str) -
             f"Give --max_train_steps {step} or more, or resume from a checkpoint at step {max_train_steps} or earlier "
             f"(in {output_dir}: {', '.join(earlier) or 'none'})"
         )
-    if step == max_train_steps:
-        logger.warning(f"Training is already complete at step {step}: {resume_path} is at --max_train_steps, so "
-                       "nothing is left to train. The pipeline is saved from this checkpoint; give a larger "
-                       "--max_train_steps to train longer")  # fmt: skip
 
 
 def build_optimization(args, accelerator, unet) -> tuple:
@@ -729,6 +776,8 @@ def main(argv=None):
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
     accelerator = build_accelerator(args, mixed_precision)
     configure_logging(accelerator)
+    checkpoints.decide_on_main_process(accelerator, check_output_dir, args)
+    warn_about_schedule(args)
     set_seed(args.seed)
     use_all_cpu_cores(accelerator)
     resume_path = checkpoints.select(accelerator, args.output_dir, args.resume_from_checkpoint)
@@ -768,6 +817,8 @@ def main(argv=None):
         ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
     # Written only now, so that a resume that fails leaves the previous run's file in place.
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            checkpoints.delete_all(args.output_dir)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
