@@ -322,6 +322,7 @@ def test_sweep_writes_every_file(sweep_run):
     for name in grids:
         with Image.open(output_dir / name) as grid:
             assert grid.size == (len(SEEDS) * SAMPLES_PER_CLASS * 8, NUM_CLASSES * 8)
+            assert grid.mode == "L", "a grayscale pipeline's grid must stay grayscale"
 
     printed = sweep_run["printed"]
     for path in (output_dir / name for name in ("sweep.csv", "sweep_summary.csv", "sweep.md", "sweep.png",

@@ -110,4 +110,5 @@ def image_grid(images: torch.Tensor, rows: int, cols: int) -> Image.Image:
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     mode = "L" if pixels.shape[-1] == 1 else "RGB"
     tiles = [Image.fromarray(tile[..., 0] if mode == "L" else tile, mode=mode) for tile in pixels]
-    return make_image_grid(tiles, rows=rows, cols=cols)
+    # make_image_grid pastes onto an RGB canvas, so convert back to keep grayscale grids in mode "L".
+    return make_image_grid(tiles, rows=rows, cols=cols).convert(mode)
