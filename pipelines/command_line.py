@@ -61,7 +61,8 @@ def check_output_folder(flag: str, path: str) -> None:
     Writability comes from os.access, so a user with override rights (root) passes for a read-only mode folder.
     """
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a file; give a folder")
+        kind = "a file" if os.path.isfile(path) else "not a folder"
+        raise ValueError(f"{flag} {path!r} is {kind}; give a folder path (the folder is created when missing)")
     check_writable_parent(flag, path)
 
 
@@ -74,6 +75,11 @@ def check_writable_parent(flag: str, path: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"{flag} {path!r} cannot be created, because {existing!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path!r} is not writable: {existing!r} does not allow creating files in it")
+        raise ValueError(f"{flag} {path!r} cannot be created, because {existing!r} is a file, not a folder")
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    if existing == os.path.abspath(path):
+        raise ValueError(f"{flag} {path!r} is not writable: {existing!r} does not allow creating files in it. Give a "
+                         "folder you can write to")  # fmt: skip
+    raise ValueError(f"{flag} {path!r} is not writable: {existing!r} does not allow creating files in it, and it would "
+                     f"be created in {existing!r}. Give a path you can write to")  # fmt: skip

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from diffusers_cfg.model_cards.model_card import training_card_fields, write_model_card
 from diffusers_cfg.pipelines import ClassConditionalPipeline
+from diffusers_cfg.pipelines.command_line import check_output_folder
 from diffusers_cfg.training import checkpoints
 from diffusers_cfg.training.classifier import load_or_train_classifier
 from diffusers_cfg.training.data import (
@@ -225,29 +226,10 @@ def check_args(args: argparse.Namespace) -> None:
         )
 
 
-def check_writable_folder(path: str, flag: str) -> None:
-    """Raise a ValueError, naming `flag`, when the folder `path` is a file or cannot be created or written."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        kind = "a file" if os.path.isfile(path) else "not a folder"
-        raise ValueError(f"{flag} {path!r} is {kind}; give a folder path (the folder is created when missing)")
-    # The nearest folder that exists is where the missing ones would be created.
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{flag} {path!r} cannot be created, because {existing!r} is a file; give a folder path")
-    if os.access(existing, os.W_OK | os.X_OK):
-        return
-    if existing == os.path.abspath(path):
-        raise ValueError(f"{flag} {path!r} is not writable by this user; give a folder you can write to")
-    raise ValueError(f"{flag} {path!r} is not writable: it would be created in {existing!r}, which this user cannot "
-                     "write to; give a folder you can write to")
-
-
 def check_output_dir(args: argparse.Namespace) -> None:
     """Raise a ValueError when --output_dir cannot be written, or when it contains checkpoints that a new run would
     mix with its own (see `checkpoints.check_no_checkpoints`)."""
-    check_writable_folder(args.output_dir, "--output_dir")
+    check_output_folder("--output_dir", args.output_dir)
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir:
         checkpoints.check_no_checkpoints(args.output_dir)
 
