@@ -233,7 +233,7 @@ def test_measure_peak_rss_of_child():
     idle, _ = memory.measure_peak_rss([sys.executable, "-c", "pass"])
     assert output.strip() == "done"
     assert peak >= 300 * 2**20, f"peak {peak / 2**20:.0f} MiB"
-    # This test process holds torch, hundreds of MiB, which must not count as the child's.
+    # This test process has torch loaded, hundreds of MiB, which must not count as the child's.
     assert idle < 100 * 2**20, f"an idle child reports {idle / 2**20:.0f} MiB"
     with pytest.raises(SystemExit, match="failed with exit code 3"):
         memory.measure_peak_rss([sys.executable, "-c", "raise SystemExit(3)"])

@@ -194,7 +194,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def write_struct_parquet(path, images: list, path_type: pa.DataType | None = None, column: str = "image") -> str:
     """Write images the way pandas and pyarrow store them: a plain struct {bytes, path}, without the datasets
-    metadata that marks the column as an Image feature. The path field is a string unless `path_type` says else."""
+    metadata that marks the column as an Image feature. The path field is a string unless `path_type` sets another type."""
     struct = pa.struct([("bytes", pa.binary()), ("path", path_type or pa.string())])
     entries = [{"bytes": data, "path": None} for data in images]
     table = pa.table({column: pa.array(entries, type=struct), "label": pa.array([i % 2 for i in range(len(images))])})

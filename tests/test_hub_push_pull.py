@@ -309,7 +309,7 @@ def test_cli_reports_refused_connection(output_dir, tmp_path):
 
 @pytest.fixture
 def disconnecting_server():
-    """Yield the URL of a server on 127.0.0.1 that reads each request and closes the connection without answering."""
+    """Yield the URL of a server on 127.0.0.1 that reads each request and closes the connection without a response."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()

@@ -689,8 +689,8 @@ def recommendation_source(
     """Describe for the model card how the sweep chose the recommended scale.
 
     `clip_sample` is the --clip_sample choice and `scheduler_clips` whether the saved scheduler clips by default.
-    When the two differ, the card says so, because the pipeline samples as its scheduler config says unless the
-    caller passes clip_sample.
+    When the two differ, the card states it, because the pipeline follows its scheduler config unless the caller
+    passes clip_sample.
     """
     source = (
         f"Chosen by diffusers-cfg-sweep as the scale with the {RECOMMENDATION_LABELS[key]} among s = "

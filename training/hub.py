@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.error("%s", error)
         raise SystemExit(1) from error
     except HfHubHTTPError as error:
-        # The server answered with an error status. Its message says which request failed and why, over several
+        # The server returned an error status. Its message names the failed request and the reason over several
         # lines, which are joined into one.
         logger.error("Push of %s to %s at %s failed: %s", args.output_dir, args.hub_model_id, constants.ENDPOINT,
                      " ".join(str(error).split()))  # fmt: skip
